@@ -1,0 +1,75 @@
+"""Config: TOML → typed objects; every error names file, key and reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from calstream.config import Config, load_config
+from calstream.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_toml_spells_out_the_embedded_defaults():
+    from_file = load_config(REPO / "configs" / "demo.toml")
+    embedded = load_config(None)
+    assert from_file.to_dict() == embedded.to_dict()
+    assert from_file.path.endswith("demo.toml")
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["output.run=7", "source.modules=[1, 2]", "source.endpoint=tcp://h:1"])
+    assert config.output.run == 7
+    assert config.source.modules == (1, 2)
+    assert config.source.endpoint == "tcp://h:1"  # not TOML: taken as text
+    assert config.source.source_name(2) == "SPB_IRDA_JF4M/DET/JNGFR02:daqOutput"
+    assert config.output_source(2) == "SPB_IRDA_JF4M/CORR/JNGFR02:output"
+
+
+def test_config_is_frozen():
+    config = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.output.run = 3  # type: ignore[misc]
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("[output]\nrun = 'one'\n", "output.run", "must be an integer"),
+        ("[output]\ntrainsperfile = 3\n", "output.trainsperfile", "unknown key"),
+        ("[source]\npattern = 'dealer'\n", "source.pattern", "must be one of"),
+        ("[source]\nmodules = []\n", "source.modules", "at least one module"),
+        ("[source]\nendpoint = 'localhost:80'\n", "source.endpoint", "ZeroMQ endpoint"),
+        ("[calibration]\ncells = 4\n", "calibration.cells", "1 or 16"),
+        ("[pipeline]\nworkers = 0\n", "pipeline.workers", ">= 1"),
+        ("[outptu]\nrun = 1\n", "outptu", "unknown section"),
+        ("[output]\ncompression = { data = 'none' }\n", "output.compression", "adc, gain"),
+    ],
+)
+def test_errors_name_file_key_and_reason(tmp_path, text, key, reason):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert key in message
+    assert reason in message
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[output\nrun = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_bad_override():
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        load_config(None, ["run=3"])
