@@ -1,0 +1,627 @@
+"""EuXFEL HDF5 ("EXDF") corrected-data files, in the layout EXtra-data reads.
+
+A file holds one detector module (one INSTRUMENT source) for a run of consecutive trains::
+
+    METADATA/dataFormatVersion             [b'1.0']
+    METADATA/dataSources/{dataSourceId, root, deviceId}
+    METADATA/{creationDate, updateDate, daqLibrary, karaboFramework,
+              proposalNumber, runNumber, sequenceNumber}
+    METADATA/calstream                     our provenance (attrs + 'provenance' JSON)
+    INDEX/trainId (u8), INDEX/flag (i4), INDEX/timestamp (u8, ns)
+    INDEX/<source>/data/{first, count}     (u8, one entry per train)
+    INSTRUMENT/<source>/data/adc           (entries, cells, 512, 1024) float32, one chunk per frame
+    INSTRUMENT/<source>/data/{gain, mask}  uint8 / uint32, same shape and chunks
+    INSTRUMENT/<source>/data/{memoryCell, frameNumber}  (entries, cells)
+    INSTRUMENT/<source>/data/trainId       (entries,)
+
+For JUNGFRAU an entry is a train (memory cells on axis 1): a train whose module is missing gets
+``count`` 0 and no entry, so the datasets hold exactly the trains with data, contiguously, and
+``INDEX first/count`` map trains to entries. The per-detector dataset list is data
+(:class:`ExdfLayout`), not code.
+
+Only cheap work happens per train: the big datasets receive chunks compressed elsewhere
+(``dset.id.write_direct_chunk``), the small per-train values and the index are kept in memory
+and written once when the file is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from calstream.errors import ConfigError, DataError, StoreError
+from calstream.store.codecs import Codec
+from calstream.store.records import FileInfo
+from calstream.store.spool import Spool, corr_filename
+
+__all__ = [
+    "JUNGFRAU_LAYOUT",
+    "ExdfFileWriter",
+    "ExdfLayout",
+    "SequenceWriter",
+    "read_file_info",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1.0"
+#: An encoded chunk: bytes or any contiguous buffer (e.g. a view from ``Codec.encode_into``).
+Buffer = bytes | bytearray | memoryview | np.ndarray
+_SOURCE_RE = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*:[A-Za-z0-9_\-]+")
+
+
+@dataclass(frozen=True)
+class ExdfLayout:
+    """The datasets a detector family has in its corrected files.
+
+    ``images`` are per-frame pixel arrays, stored as one pre-encoded chunk per frame;
+    ``per_cell`` are small per-frame values; one entry holds a whole train with the frames
+    (memory cells) on axis 1, the JUNGFRAU convention. (XTDF detectors, with one entry per
+    frame in group ``image``, are the next layout to add.)
+    """
+
+    group: str
+    images: tuple[tuple[str, str], ...]
+    per_cell: tuple[tuple[str, str], ...]
+
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.images)
+
+    @property
+    def per_cell_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.per_cell)
+
+
+#: Corrected JUNGFRAU: group ``data``, keys as in the facility's files.
+JUNGFRAU_LAYOUT = ExdfLayout(
+    group="data",
+    images=(("adc", "float32"), ("gain", "uint8"), ("mask", "uint32")),
+    per_cell=(("memoryCell", "uint8"), ("frameNumber", "uint64")),
+)
+
+
+def _calstream_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("calstream")
+    except Exception:
+        return "unknown"
+
+
+def _h5_date(when: datetime) -> np.ndarray:
+    return np.array([when.strftime("%Y%m%dT%H%M%SZ").encode("ascii")])
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+class ExdfFileWriter:
+    """Write one corrected EuXFEL file for one detector module.
+
+    Parameters
+    ----------
+    path
+        The new file (must not exist).
+    source
+        INSTRUMENT source name, e.g. ``'SPB_IRDA_JF4M/CORR/JNGFR01:output'``.
+    cells
+        Frames (memory cells) per train.
+    frame_shape
+        Pixels per frame (slow scan, fast scan).
+    codecs
+        The codec of each image dataset, e.g. ``{'adc': ..., 'gain': ..., 'mask': ...}``; the
+        chunks given to :meth:`write_train` must be encoded with them.
+    run, proposal, sequence
+        Recorded in METADATA.
+    provenance
+        Calibration provenance (constants used, ...), stored as JSON in
+        ``METADATA/calstream/provenance`` and returned as ``FileInfo.constants``.
+    max_trains
+        Trains this file may hold.
+    detector, module, relpath
+        For the returned :class:`FileInfo` (``relpath`` defaults to ``r{run:04d}/{name}``).
+    layout
+        The detector family's datasets.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        source: str,
+        cells: int,
+        frame_shape: tuple[int, int] = (512, 1024),
+        codecs: Mapping[str, Codec],
+        run: int,
+        proposal: int,
+        sequence: int,
+        provenance: Mapping[str, Any],
+        max_trains: int,
+        detector: str = "jungfrau",
+        module: int = 0,
+        relpath: str | None = None,
+        layout: ExdfLayout = JUNGFRAU_LAYOUT,
+    ) -> None:
+        self.path = Path(path)
+        if not (isinstance(source, str) and _SOURCE_RE.fullmatch(source)):
+            raise ConfigError(
+                f"source must look like 'DET/CORR/NAME:output'. Got {source!r} instead.",
+                key="source",
+            )
+        if not (isinstance(cells, int) and cells >= 1):
+            raise ConfigError(f"cells must be a positive int. Got {cells!r} instead.", key="cells")
+        if not (isinstance(max_trains, int) and max_trains >= 1):
+            raise ConfigError(
+                f"max_trains must be a positive int. Got {max_trains!r} instead.",
+                key="max_trains",
+            )
+        missing = set(layout.image_names) - set(codecs)
+        if missing:
+            raise ConfigError(f"no codec for {sorted(missing)}", key="codecs")
+        self.source = source
+        self.cells = cells
+        self.frame_shape = tuple(int(n) for n in frame_shape)
+        self.codecs = {name: codecs[name] for name in layout.image_names}
+        self.run, self.proposal, self.sequence = run, proposal, sequence
+        self.provenance = dict(provenance)
+        self.max_trains = max_trains
+        self.detector, self.module = detector, module
+        self.relpath = relpath if relpath is not None else f"r{run:04d}/{self.path.name}"
+        self.layout = layout
+
+        self._train_ids = np.zeros(max_trains, np.uint64)
+        self._timestamps = np.zeros(max_trains, np.uint64)
+        self._counts = np.zeros(max_trains, np.uint64)
+        self._per_cell = {
+            name: np.zeros((max_trains, cells), dtype) for name, dtype in layout.per_cell
+        }
+        self.trains = 0  # trains recorded in INDEX
+        self.entries = 0  # trains with data
+        self.bytes_written = 0  # compressed chunk bytes
+        self._last_train = -1
+        self._info: FileInfo | None = None
+        self._file: h5py.File | None = None
+        try:
+            self._file = h5py.File(self.path, "x")
+            self._write_metadata(self._file)
+            grp = self._file.create_group(f"INSTRUMENT/{source}/{layout.group}")
+            self._dsids = []
+            for name, dtype in layout.images:
+                shape = (cells, *self.frame_shape)
+                ds = grp.create_dataset(
+                    name,
+                    shape=(max_trains, *shape),
+                    maxshape=(None, *shape),
+                    chunks=(1, 1, *self.frame_shape),
+                    dtype=dtype,
+                    **self.codecs[name].dataset_kwargs(),
+                )
+                self._dsids.append(ds.id)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._discard()
+            raise StoreError(f"cannot create {self.path}: {exc}", source=source) from exc
+
+    # --- per train --------------------------------------------------------------------
+
+    def write_train(
+        self,
+        train_id: int,
+        timestamp_ns: int,
+        chunks: Mapping[str, Sequence[Buffer]] | None,
+        small: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append one train.
+
+        ``chunks[key][c]`` is the encoded chunk of cell ``c`` for each image key (bytes or
+        any buffer, e.g. the view :meth:`Codec.encode_into` returns); ``small``
+        holds the per-cell values (``memoryCell``, ``frameNumber``: shape (cells,)).
+        ``chunks=None`` records the train with no data for this module (INDEX count 0).
+
+        Raises
+        ------
+        DataError
+            Train id not above the previous one, file full, keys or lengths that do not fit
+            (nothing is written then).
+        StoreError
+            HDF5 failed; the file should be aborted.
+        """
+        if self._file is None:
+            raise StoreError(f"{self.path} is closed", source=self.source, train_id=train_id)
+        train_id = int(train_id)
+        if train_id <= 0:
+            raise DataError("train ids must be positive", source=self.source, train_id=train_id)
+        if train_id <= self._last_train:
+            raise DataError(
+                f"train ids must increase: {train_id} after {self._last_train}",
+                source=self.source,
+                train_id=train_id,
+            )
+        if self.trains >= self.max_trains:
+            raise DataError(
+                f"file {self.path.name} is full ({self.max_trains} trains)",
+                source=self.source,
+                train_id=train_id,
+            )
+        if timestamp_ns < 0:
+            raise DataError(
+                f"negative timestamp {timestamp_ns}", source=self.source, train_id=train_id
+            )
+        if chunks is not None:
+            values = self._check_train(train_id, chunks, small)
+            entry = self.entries
+            try:
+                for dsid, name in zip(self._dsids, self.layout.image_names, strict=True):
+                    for cell, buf in enumerate(chunks[name]):
+                        dsid.write_direct_chunk((entry, cell, 0, 0), buf)
+            except (OSError, ValueError, RuntimeError, TypeError) as exc:
+                raise StoreError(
+                    f"writing to {self.path} failed: {exc}", source=self.source, train_id=train_id
+                ) from exc
+            for name, value in values.items():
+                self._per_cell[name][entry] = value
+            self.bytes_written += sum(
+                memoryview(b).nbytes for name in self.layout.image_names for b in chunks[name]
+            )
+            self.entries += 1
+            self._counts[self.trains] = 1
+        self._train_ids[self.trains] = train_id
+        self._timestamps[self.trains] = timestamp_ns
+        self.trains += 1
+        self._last_train = train_id
+
+    def _check_train(
+        self,
+        train_id: int,
+        chunks: Mapping[str, Sequence[Buffer]],
+        small: Mapping[str, np.ndarray] | None,
+    ) -> dict[str, np.ndarray]:
+        def fail(msg: str, key: str | None = None) -> DataError:
+            return DataError(msg, source=self.source, train_id=train_id, key=key)
+
+        if set(chunks) != set(self.layout.image_names):
+            raise fail(
+                f"chunks for {sorted(self.layout.image_names)} expected, got {sorted(chunks)}"
+            )
+        for name, dtype in self.layout.images:
+            if self.codecs[name].name == "none":  # unfiltered: HDF5 trusts the chunk size
+                need = np.dtype(dtype).itemsize * int(np.prod(self.frame_shape))
+                if any(memoryview(b).nbytes != need for b in chunks[name]):
+                    raise fail(f"unfiltered chunks must be {need} bytes", key=name)
+            if len(chunks[name]) != self.cells:
+                raise fail(
+                    f"{self.cells} chunks (one per cell) expected, got {len(chunks[name])}",
+                    key=name,
+                )
+        small = small or {}
+        if set(small) != set(self.layout.per_cell_names):
+            raise fail(
+                f"per-cell values for {sorted(self.layout.per_cell_names)} expected, "
+                f"got {sorted(small)}"
+            )
+        values = {}
+        for name in self.layout.per_cell_names:
+            value = np.asarray(small[name])
+            if value.shape != (self.cells,):
+                raise fail(f"shape ({self.cells},) expected, got {value.shape}", key=name)
+            values[name] = value
+        return values
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def close(self) -> FileInfo:
+        """Finish the file: trim the datasets to the trains written, write index and metadata.
+
+        Safe to call twice (returns the same :class:`FileInfo`).
+        """
+        if self._info is not None:
+            return self._info
+        if self._file is None:
+            raise StoreError(f"{self.path} was aborted", source=self.source)
+        n, t = self.entries, self.trains
+        try:
+            f = self._file
+            grp = f[f"INSTRUMENT/{self.source}/{self.layout.group}"]
+            for name in self.layout.image_names:
+                grp[name].resize(n, axis=0)
+            for name, buf in self._per_cell.items():
+                grp.create_dataset(name, data=buf[:n])
+            grp.create_dataset("trainId", data=self._train_ids[:t][self._counts[:t] > 0])
+            f.create_dataset("INDEX/trainId", data=self._train_ids[:t])
+            f.create_dataset("INDEX/flag", data=np.ones(t, np.int32))
+            f.create_dataset("INDEX/timestamp", data=self._timestamps[:t])
+            counts = self._counts[:t]
+            first = np.zeros(t, np.uint64)
+            np.cumsum(counts[:-1], out=first[1:])
+            index = f.create_group(f"INDEX/{self.source}/{self.layout.group}")
+            index.create_dataset("first", data=first)
+            index.create_dataset("count", data=counts)
+            f["METADATA/updateDate"] = _h5_date(datetime.now(UTC))
+            f.close()
+            self._file = None
+            size = self.path.stat().st_size
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            self._discard()
+            raise StoreError(f"closing {self.path} failed: {exc}", source=self.source) from exc
+
+        frame_bytes = int(np.prod(self.frame_shape))
+        raw = sum(np.dtype(dt).itemsize for _, dt in self.layout.images) * frame_bytes
+        first_train = int(self._train_ids[0]) if t else 0
+        last_train = int(self._train_ids[t - 1]) if t else 0
+        self._info = FileInfo(
+            path=self.path,
+            relpath=self.relpath,
+            size=size,
+            run=self.run,
+            proposal=self.proposal,
+            sequence=self.sequence,
+            detector=self.detector,
+            module=self.module,
+            sources=(self.source,),
+            first_train=first_train,
+            last_train=last_train,
+            trains=t,
+            frames=n * self.cells,
+            compression={name: codec.name for name, codec in self.codecs.items()},
+            constants=self.provenance,
+            raw_bytes=raw * n * self.cells,
+        )
+        log.debug("closed %s: %d trains, %d with data, %d bytes", self.path, t, n, size)
+        return self._info
+
+    def abort(self) -> None:
+        """Close and delete the file (whatever state it is in)."""
+        self._discard()
+        self._info = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {self.path}: {exc.strerror}") from exc
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # already failing: the original error is the one to report
+                log.debug("closing %s after an error failed", self.path, exc_info=True)
+            self._file = None
+
+    def __enter__(self) -> ExdfFileWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # --- metadata ---------------------------------------------------------------------
+
+    def _write_metadata(self, f: h5py.File) -> None:
+        version = _calstream_version()
+        f.attrs["writer"] = f"calstream {version}"
+        meta = f.create_group("METADATA")
+        meta["dataFormatVersion"] = np.array([FORMAT_VERSION.encode("ascii")])
+        sources = meta.create_group("dataSources")
+        vlen = h5py.special_dtype(vlen=bytes)
+        source_id = f"INSTRUMENT/{self.source}/{self.layout.group}"
+        sources.create_dataset(
+            "dataSourceId", data=[source_id.encode()], dtype=vlen, maxshape=(None,)
+        )
+        sources.create_dataset("root", data=[b"INSTRUMENT"], dtype=vlen, maxshape=(None,))
+        sources.create_dataset(
+            "deviceId", data=[source_id.split("/", 1)[1].encode()], dtype=vlen, maxshape=(None,)
+        )
+        meta["creationDate"] = _h5_date(datetime.now(UTC))
+        meta["daqLibrary"] = np.array([f"calstream-{version}".encode()])
+        meta["karaboFramework"] = np.array([b"n/a"])
+        meta.create_dataset("proposalNumber", data=[self.proposal], dtype=np.uint32)
+        meta.create_dataset("runNumber", data=[self.run], dtype=np.uint32)
+        meta.create_dataset("sequenceNumber", data=[self.sequence], dtype=np.uint32)
+        ours = meta.create_group("calstream")
+        ours.attrs["version"] = version
+        ours.attrs["detector"] = self.detector
+        ours.attrs["module"] = self.module
+        ours.attrs["codecs"] = _json({k: c.to_dict() for k, c in self.codecs.items()})
+        ours.create_dataset("provenance", data=_json(self.provenance), dtype=h5py.string_dtype())
+
+
+class SequenceWriter:
+    """Write a module's trains into a run of sequence files in the spool, rolling over.
+
+    Files are ``CORR-R{run:04d}-{AGG}{module:02d}-S{seq:05d}.h5`` in ``spool.building``;
+    a file is closed after ``trains_per_file`` trains (or once its compressed chunks exceed
+    ``max_file_bytes``), moved to ``spool.complete`` and its :class:`FileInfo` returned by the
+    :meth:`write_train` call that closed it. Sequence numbers start at ``first_sequence``, by
+    default after the highest the spool knows for this run and module.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        run: int,
+        proposal: int,
+        detector: str,
+        module: int,
+        aggregator: str,
+        source: str,
+        cells: int,
+        codecs: Mapping[str, Codec],
+        trains_per_file: int,
+        provenance: Mapping[str, Any],
+        frame_shape: tuple[int, int] = (512, 1024),
+        max_file_bytes: int | None = None,
+        first_sequence: int | None = None,
+        layout: ExdfLayout = JUNGFRAU_LAYOUT,
+    ) -> None:
+        if not (isinstance(trains_per_file, int) and trains_per_file >= 1):
+            raise ConfigError(
+                f"trains_per_file must be a positive int. Got {trains_per_file!r} instead.",
+                key="trains_per_file",
+            )
+        self.spool = spool
+        self.run, self.proposal = run, proposal
+        self.detector, self.module, self.aggregator = detector, module, aggregator
+        self.source, self.cells, self.frame_shape = source, cells, frame_shape
+        self.codecs = dict(codecs)
+        self.trains_per_file = trains_per_file
+        self.max_file_bytes = max_file_bytes
+        self.provenance = dict(provenance)
+        self.layout = layout
+        if first_sequence is None:
+            first_sequence = spool.next_sequence(run, aggregator, module)
+        corr_filename(run, aggregator, module, first_sequence)  # validates the name parts
+        self.sequence = first_sequence  # of the next file to open
+        self._writer: ExdfFileWriter | None = None
+        self._last_train = -1
+        self.files_closed = 0
+
+    @property
+    def current(self) -> ExdfFileWriter | None:
+        """The file being written, if any."""
+        return self._writer
+
+    def write_train(
+        self,
+        train_id: int,
+        timestamp_ns: int,
+        chunks: Mapping[str, Sequence[Buffer]] | None,
+        small: Mapping[str, np.ndarray] | None = None,
+    ) -> list[FileInfo]:
+        """Append one train (see :meth:`ExdfFileWriter.write_train`).
+
+        Returns the files this call completed (moved to ``spool.complete``), usually none.
+        """
+        if int(train_id) <= self._last_train:
+            raise DataError(
+                f"train ids must increase: {train_id} after {self._last_train}",
+                source=self.source,
+                train_id=train_id,
+            )
+        writer = self._writer or self._open()
+        try:
+            writer.write_train(train_id, timestamp_ns, chunks, small)
+        except StoreError:
+            self._fail()
+            raise
+        self._last_train = int(train_id)
+        full = writer.trains >= self.trains_per_file or (
+            self.max_file_bytes is not None and writer.bytes_written >= self.max_file_bytes
+        )
+        return [self._finish(writer)] if full else []
+
+    def close(self) -> FileInfo | None:
+        """Close the open file, if any, and return its :class:`FileInfo` (None otherwise)."""
+        return self._finish(self._writer) if self._writer is not None else None
+
+    def abort(self) -> None:
+        """Give up the open file: it moves to ``spool.failed``."""
+        if self._writer is not None:
+            self._fail()
+
+    def _open(self) -> ExdfFileWriter:
+        name = corr_filename(self.run, self.aggregator, self.module, self.sequence)
+        self._writer = ExdfFileWriter(
+            self.spool.building_path(name),
+            source=self.source,
+            cells=self.cells,
+            frame_shape=self.frame_shape,
+            codecs=self.codecs,
+            run=self.run,
+            proposal=self.proposal,
+            sequence=self.sequence,
+            provenance=self.provenance,
+            max_trains=self.trains_per_file,
+            detector=self.detector,
+            module=self.module,
+            relpath=f"r{self.run:04d}/{name}",
+            layout=self.layout,
+        )
+        self.sequence += 1
+        return self._writer
+
+    def _finish(self, writer: ExdfFileWriter) -> FileInfo:
+        self._writer = None
+        try:
+            info = writer.close()
+        except StoreError:
+            self._move_failed(writer.path)
+            raise
+        complete = self.spool.mark_complete(info.path)
+        self.files_closed += 1
+        return replace(info, path=complete)
+
+    def _fail(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer._discard()
+            self._move_failed(writer.path)
+
+    def _move_failed(self, path: Path) -> None:
+        if path.exists():
+            dst = self.spool.mark_failed(path)
+            log.warning("file %s failed; moved to %s", path.name, dst)
+
+
+def read_file_info(path: str | os.PathLike[str]) -> FileInfo:
+    """Rebuild the :class:`FileInfo` of a file calstream wrote (e.g. found by ``Spool.recover``).
+
+    Raises
+    ------
+    StoreError
+        The file cannot be read or was not written by calstream.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            meta = f["METADATA"]
+            ours = meta["calstream"]
+            run = int(meta["runNumber"][0])
+            source_ids = [s.decode() for s in meta["dataSources/dataSourceId"][:]]
+            sources = tuple(s.partition("/")[2].rpartition("/")[0] for s in source_ids)
+            train_ids = f["INDEX/trainId"][:]
+            train_ids = train_ids[train_ids != 0]
+            frames = raw = 0
+            for src_id, src in zip(source_ids, sources, strict=True):
+                group = src_id.rpartition("/")[2]
+                cells = 0
+                counts = f[f"INDEX/{src}/{group}/count"][:]
+                for ds in f[f"INSTRUMENT/{src}/{group}"].values():
+                    if isinstance(ds, h5py.Dataset) and ds.ndim == 4:
+                        raw += ds.size * ds.dtype.itemsize
+                        cells = ds.shape[1]
+                frames += int(counts.sum()) * cells
+            codecs = json.loads(ours.attrs["codecs"])
+            return FileInfo(
+                path=path,
+                relpath=f"r{run:04d}/{path.name}",
+                size=path.stat().st_size,
+                run=run,
+                proposal=int(meta["proposalNumber"][0]),
+                sequence=int(meta["sequenceNumber"][0]),
+                detector=str(ours.attrs["detector"]),
+                module=int(ours.attrs["module"]),
+                sources=sources,
+                first_train=int(train_ids[0]) if len(train_ids) else 0,
+                last_train=int(train_ids[-1]) if len(train_ids) else 0,
+                trains=len(train_ids),
+                frames=frames,
+                compression={k: v["name"] for k, v in codecs.items()},
+                constants=json.loads(ours["provenance"][()]),
+                raw_bytes=raw,
+            )
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise StoreError(f"cannot read file info from {path}: {exc}") from exc

@@ -1,0 +1,229 @@
+"""The local spool: files are written here and only leave once they are complete.
+
+Layout below the spool root::
+
+    building/   files being written (a crash leaves them here)
+    complete/   closed files waiting to be stored at the destination
+    failed/     files from a crashed run or a failed write, kept for inspection
+    stored/     empty markers named after files already stored and removed, so that
+                sequence numbers continue after a restart instead of clashing at the
+                destination
+
+All moves between these folders are renames within one filesystem, so a file is in exactly
+one of them at any time, even after ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from calstream.errors import ConfigError, StoreError
+
+__all__ = ["Spool", "corr_filename", "parse_corr_filename"]
+
+log = logging.getLogger(__name__)
+
+_AGGREGATOR_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
+_CORR_RE = re.compile(
+    r"CORR-R(?P<run>\d{4})-(?P<aggregator>[A-Za-z][A-Za-z0-9]*?)(?P<module>\d{2})"
+    r"-S(?P<sequence>\d{5})\.h5"
+)
+
+
+def corr_filename(run: int, aggregator: str, module: int, sequence: int) -> str:
+    """The facility's corrected-file name, ``CORR-R{run:04d}-{AGG}{module:02d}-S{seq:05d}.h5``.
+
+    Raises
+    ------
+    ConfigError
+        A number out of range or an aggregator that is not a short alphanumeric word: these
+        end up in file names and must not produce paths.
+    """
+    if not (isinstance(run, int) and 0 <= run <= 9999):
+        raise ConfigError(f"run must be 0 to 9999. Got {run!r} instead.", key="run")
+    if not (isinstance(module, int) and 0 <= module <= 99):
+        raise ConfigError(f"module must be 0 to 99. Got {module!r} instead.", key="module")
+    if not (isinstance(sequence, int) and 0 <= sequence <= 99999):
+        raise ConfigError(f"sequence must be 0 to 99999. Got {sequence!r} instead.", key="sequence")
+    if not (isinstance(aggregator, str) and _AGGREGATOR_RE.fullmatch(aggregator)):
+        raise ConfigError(
+            "aggregator must be a short alphanumeric word like 'JNGFR'. "
+            f"Got {aggregator!r} instead.",
+            key="aggregator",
+        )
+    return f"CORR-R{run:04d}-{aggregator}{module:02d}-S{sequence:05d}.h5"
+
+
+def parse_corr_filename(name: str) -> tuple[int, str, int, int] | None:
+    """``(run, aggregator, module, sequence)`` of a corrected-file name, None for other names."""
+    m = _CORR_RE.fullmatch(name)
+    if m is None:
+        return None
+    return int(m["run"]), m["aggregator"], int(m["module"]), int(m["sequence"])
+
+
+class Spool:
+    """A spool directory with ``building/``, ``complete/``, ``failed/`` (and ``stored/``).
+
+    Parameters
+    ----------
+    root
+        The spool directory, created if missing. Keep it on a local filesystem.
+    fsync
+        Flush a file's data to disk before it is marked complete (and the directories after
+        each move), so a power loss cannot leave a complete-looking file with lost data.
+        Process crashes (``kill -9``) are safe without it; turn it off only for benchmarks.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.fsync = fsync
+        self.building = self.root / "building"
+        self.complete = self.root / "complete"
+        self.failed = self.root / "failed"
+        self.stored = self.root / "stored"
+        for d in (self.building, self.complete, self.failed, self.stored):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create spool directory {d}: {exc.strerror}") from exc
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.root)!r})"
+
+    # --- paths --------------------------------------------------------------------------
+
+    def building_path(self, name: str) -> Path:
+        """Where a new file called ``name`` is written (a plain file name, nothing else)."""
+        _check_name(name)
+        return self.building / name
+
+    def _own(self, path: str | os.PathLike[str], folder: Path) -> Path:
+        path = Path(path)
+        if path.parent.resolve() != folder.resolve():
+            raise StoreError(f"{path} is not in the spool's {folder.name}/ folder ({folder})")
+        _check_name(path.name)
+        return folder / path.name
+
+    # --- moves --------------------------------------------------------------------------
+
+    def mark_complete(self, path: str | os.PathLike[str]) -> Path:
+        """Move a closed file from ``building/`` to ``complete/``; returns its new path."""
+        src = self._own(path, self.building)
+        dst = self.complete / src.name
+        if self.fsync:
+            _fsync_file(src)
+        self._rename(src, dst)
+        return dst
+
+    def mark_failed(self, path: str | os.PathLike[str]) -> Path:
+        """Move a file from ``building/`` or ``complete/`` to ``failed/``; returns its new path."""
+        path = Path(path)
+        in_complete = path.parent.resolve() == self.complete.resolve()
+        folder = self.complete if in_complete else self.building
+        src = self._own(path, folder)
+        dst = _free_name(self.failed / src.name)
+        self._rename(src, dst)
+        return dst
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        """Forget a complete file once it is stored: delete it and leave a ``stored/`` marker.
+
+        A file already gone (e.g. moved away by the destination) is fine.
+        """
+        src = self._own(path, self.complete)
+        marker = self.stored / src.name
+        try:
+            marker.touch()
+            src.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {src} from the spool: {exc.strerror}") from exc
+        if self.fsync:
+            _fsync_dir(self.complete)
+            _fsync_dir(self.stored)
+
+    def recover(self) -> list[Path]:
+        """Clean up after a crash; returns the complete files still waiting to be stored.
+
+        Files left in ``building/`` were never closed: they move to ``failed/`` with a warning.
+        """
+        for path in sorted(self.building.iterdir()):
+            if not path.is_file() or path.is_symlink():
+                continue
+            dst = _free_name(self.failed / path.name)
+            log.warning("unfinished spool file from an earlier run moved to %s", dst)
+            self._rename(path, dst)
+        return sorted(
+            p for p in self.complete.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+
+    def next_sequence(self, run: int, aggregator: str, module: int) -> int:
+        """The sequence number after the highest one in the spool for this run and module.
+
+        Looks at ``building/``, ``complete/``, ``failed/`` and the ``stored/`` markers.
+        """
+        highest = -1
+        for folder in (self.building, self.complete, self.failed, self.stored):
+            for entry in os.scandir(folder):
+                # failed/ may hold "name.1" duplicates: strip such suffixes
+                name = re.sub(r"(\.h5)(\.\d+)$", r"\1", entry.name)
+                parsed = parse_corr_filename(name)
+                if parsed and parsed[:3] == (run, aggregator, module):
+                    highest = max(highest, parsed[3])
+        return highest + 1
+
+    def _rename(self, src: Path, dst: Path) -> None:
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            raise StoreError(f"cannot move {src} to {dst}: {exc.strerror}") from exc
+        if self.fsync:
+            _fsync_dir(dst.parent)
+            if src.parent != dst.parent:
+                _fsync_dir(src.parent)
+
+
+def _check_name(name: str) -> None:
+    if (
+        not name
+        or name != os.path.basename(name)
+        or name in (".", "..")
+        or name.startswith(".")
+        or "\0" in name
+        or "\\" in name
+    ):
+        raise StoreError(f"not a plain file name for the spool: {name!r}")
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot sync {path}: {exc.strerror}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot sync directory {path}: {exc.strerror}") from exc

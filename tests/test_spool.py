@@ -1,0 +1,159 @@
+"""The spool: building -> complete -> stored, crash recovery, sequence numbers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from calstream.errors import ConfigError, StoreError
+from calstream.store import Spool, read_file_info
+from calstream.store.spool import corr_filename, parse_corr_filename
+
+
+def test_creates_its_folders(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "a" / "spool")
+    for name in ("building", "complete", "failed", "stored"):
+        assert (tmp_path / "a" / "spool" / name).is_dir()
+    assert spool.building_path("x.h5") == spool.building / "x.h5"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x.h5", "a/b.h5", "/etc/passwd", ".hidden"])
+def test_building_path_refuses_anything_but_a_file_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(StoreError, match="plain file name"):
+        Spool(tmp_path).building_path(name)
+
+
+def test_file_lifecycle(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    path = spool.building_path("CORR-R0001-JNGFR01-S00000.h5")
+    path.write_bytes(b"data")
+    done = spool.mark_complete(path)
+    assert done == spool.complete / path.name
+    assert done.read_bytes() == b"data"
+    assert not path.exists()
+    assert spool.recover() == [done]
+    spool.remove(done)
+    assert not done.exists()
+    assert (spool.stored / path.name).exists()
+    spool.remove(done)  # again: already gone is fine
+    assert spool.recover() == []
+
+
+def test_moves_only_its_own_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    outside = tmp_path / "CORR-R0001-JNGFR01-S00000.h5"
+    outside.write_bytes(b"x")
+    with pytest.raises(StoreError, match="not in the spool's building/"):
+        spool.mark_complete(outside)
+    with pytest.raises(StoreError, match="not in the spool's complete/"):
+        spool.remove(outside)
+    assert outside.exists()
+    with pytest.raises(StoreError, match=r"missing\.h5"):
+        spool.mark_complete(spool.building / "missing.h5")
+
+
+def test_recover_moves_unfinished_files_to_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    (spool.building / "CORR-R0001-JNGFR01-S00003.h5").write_bytes(b"partial")
+    (spool.failed / "CORR-R0001-JNGFR01-S00003.h5").write_bytes(b"older")
+    for seq in (2, 1):
+        (spool.complete / f"CORR-R0001-JNGFR01-S{seq:05d}.h5").write_bytes(b"done")
+    with caplog.at_level(logging.WARNING, logger="calstream.store.spool"):
+        pending = spool.recover()
+    assert [p.name for p in pending] == [
+        "CORR-R0001-JNGFR01-S00001.h5",
+        "CORR-R0001-JNGFR01-S00002.h5",
+    ]
+    assert list(spool.building.iterdir()) == []
+    assert sorted(p.name for p in spool.failed.iterdir()) == [
+        "CORR-R0001-JNGFR01-S00003.h5",
+        "CORR-R0001-JNGFR01-S00003.h5.1",
+    ]
+    assert (spool.failed / "CORR-R0001-JNGFR01-S00003.h5.1").read_bytes() == b"partial"
+    assert "unfinished spool file" in caplog.text
+
+
+def test_next_sequence(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    assert spool.next_sequence(1, "JNGFR", 1) == 0
+    (spool.complete / "CORR-R0001-JNGFR01-S00002.h5").touch()
+    (spool.failed / "CORR-R0001-JNGFR01-S00004.h5.1").touch()
+    (spool.stored / "CORR-R0001-JNGFR01-S00003.h5").touch()
+    (spool.building / "CORR-R0001-JNGFR02-S00009.h5").touch()  # another module
+    (spool.building / "CORR-R0002-JNGFR01-S00009.h5").touch()  # another run
+    (spool.building / "notes.txt").touch()
+    assert spool.next_sequence(1, "JNGFR", 1) == 5
+    assert spool.next_sequence(1, "JNGFR", 2) == 10
+    assert spool.next_sequence(1, "AGIPD", 1) == 0
+    spool.remove(spool.complete / "CORR-R0001-JNGFR01-S00002.h5")
+    assert spool.next_sequence(1, "JNGFR", 1) == 5
+
+
+def test_corr_filenames() -> None:
+    name = corr_filename(12, "JNGFR", 3, 45)
+    assert name == "CORR-R0012-JNGFR03-S00045.h5"
+    assert parse_corr_filename(name) == (12, "JNGFR", 3, 45)
+    assert parse_corr_filename("CORR-R0012-JF4M03-S00045.h5") == (12, "JF4M", 3, 45)
+    assert parse_corr_filename("RAW-R0012-JNGFR03-S00045.h5") is None
+    for args in [(10000, "JNGFR", 1, 0), (1, "JNGFR", 100, 0), (1, "JNGFR", 1, -1),
+                 (1, "../x", 1, 0), (1, "", 1, 0), (1, "A/B", 1, 0)]:  # fmt: skip
+        with pytest.raises(ConfigError):
+            corr_filename(*args)
+
+
+CHILD = """
+import sys, numpy as np
+from calstream.store import SequenceWriter, Spool, get_codec
+codec = get_codec("bitshuffle-lz4")
+spool = Spool(sys.argv[1], fsync=False)
+sw = SequenceWriter(spool, run=1, proposal=1, detector="jungfrau", module=1, aggregator="JNGFR",
+                    source="X_JF4M/CORR/JNGFR01:output", cells=1, frame_shape=(64, 64),
+                    codecs={"adc": codec, "gain": codec, "mask": codec}, trains_per_file=3,
+                    provenance={})
+frame = np.ones((1, 64, 64), np.float32)
+chunks = {k: codec.encode_frames(frame.astype(t)) for k, t in (("adc", "f4"), ("gain", "u1"),
+                                                                ("mask", "u4"))}
+small = {"memoryCell": np.zeros(1), "frameNumber": np.zeros(1)}
+tid = 1
+while True:
+    for info in sw.write_train(tid, 0, chunks, small):
+        print(info.path.name, flush=True)
+    tid += 1
+"""
+
+
+def test_kill_9_leaves_only_complete_files_in_complete(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(spool_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        for _ in range(2):
+            child.stdout.readline()  # two files completed
+        deadline = time.monotonic() + 20
+        while not any((spool_dir / "building").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    spool = Spool(spool_dir)
+    pending = spool.recover()
+    assert len(pending) >= 2
+    for path in pending:  # every complete file is a whole, readable file
+        info = read_file_info(path)
+        assert info.trains == 3
+    assert list(spool.building.iterdir()) == []
+    assert spool.next_sequence(1, "JNGFR", 1) >= len(pending)
