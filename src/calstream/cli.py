@@ -1,0 +1,245 @@
+"""The ``calstream`` command: run | simulate | constants | events | check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CalstreamError
+
+__all__ = ["main"]
+
+log = logging.getLogger("calstream")
+
+EXIT_ERROR = 2
+EXIT_UNSTORED = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``calstream`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except CalstreamError as exc:
+        print(f"calstream: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calstream",
+        description="Streaming calibration of European XFEL detector data.",
+    )
+    parser.add_argument("--version", action="version", version=f"calstream {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold (default: info)",
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline (no CONFIG: the embedded demo)")
+    run.add_argument("config", nargs="?", help="pipeline config (TOML)")
+    run.add_argument("--max-trains", type=int, help="stop after N trains")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate a config and print it resolved")
+    check.add_argument("config", nargs="?")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    check.set_defaults(func=_cmd_check)
+
+    sim = sub.add_parser("simulate", help="stream synthetic JUNGFRAU trains (Karabo Bridge 2.2)")
+    sim.add_argument("--endpoint", default="tcp://*:45454", help="ZeroMQ endpoint to bind")
+    sim.add_argument("--pattern", default="push", choices=["push", "pub", "rep"])
+    sim.add_argument("--detector-id", default="SPB_IRDA_JF4M")
+    sim.add_argument("--modules", default="1", help="module numbers, e.g. 1,2 or 1-8")
+    sim.add_argument("--cells", type=int, default=16, choices=[1, 16])
+    sim.add_argument("--gain-mode", default="bits", choices=["bits", "array"])
+    sim.add_argument("--rate", type=float, default=10.0, help="trains/s (0: as fast as possible)")
+    sim.add_argument("--trains", type=int, help="stop after N trains (default: forever)")
+    sim.add_argument("--first-train-id", type=int, default=10000)
+    sim.add_argument(
+        "--constants", help="constants file template with {module}: offsets to simulate around"
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=_cmd_simulate)
+
+    const = sub.add_parser("constants", help="calibration constants")
+    const_sub = const.add_subparsers(required=True, metavar="ACTION")
+    synth = const_sub.add_parser("synth", help="write synthetic constants in the facility layout")
+    synth.add_argument("--detector", default="jungfrau", choices=["jungfrau"])
+    synth.add_argument("--cells", type=int, default=16)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("-o", "--output", required=True, help="HDF5 file to write")
+    synth.set_defaults(func=_cmd_constants_synth)
+
+    events = sub.add_parser("events", help="storage events")
+    events_sub = events.add_subparsers(required=True, metavar="ACTION")
+    lst = events_sub.add_parser("list", help="print the events in a spool's outbox")
+    lst.add_argument("spool", help="spool directory (or the outbox .sqlite file)")
+    lst.add_argument("--state", choices=["pending", "sent", "failed"])
+    lst.add_argument("-v", "--verbose", action="store_true", help="print each event's JSON")
+    lst.set_defaults(func=_cmd_events_list)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import Pipeline
+
+    config = load_config(args.config, args.set)
+    pipeline = Pipeline(config)
+    _install_signal_handlers(pipeline.stop)
+    summary = pipeline.run(max_trains=args.max_trains)
+    print(summary.format())
+    if summary.unstored_files:
+        log.error(
+            "%d file(s) could not be stored; they stay in %s and are stored at the next start",
+            summary.unstored_files, config.output.spool,
+        )
+        return EXIT_UNSTORED
+    return 0
+
+
+def _install_signal_handlers(stop: Any) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    received = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            log.error("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        received.append(signum)
+        log.warning(
+            "%s: stopping; draining queues and storing open files (again to exit at once)",
+            signal.Signals(signum).name,
+        )
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.set)
+    print(f"# {config.path}: valid")
+    for section, values in config.to_dict().items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {_toml_value(value)}")
+        print()
+    return 0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def _parse_modules(text: str) -> tuple[int, ...]:
+    modules: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            modules.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(
+            f"calstream: error: --modules: expected e.g. 1,2 or 1-8, got {text!r}"
+        ) from None
+    return tuple(modules)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .calibrate import load_jungfrau_constants
+    from .ingest import JungfrauSimulation, Sender, run_sender
+
+    modules = _parse_modules(args.modules)
+    offsets = gains = None
+    if args.constants:
+        consts = {
+            m: load_jungfrau_constants(Path(args.constants.format(module=m)), cells=args.cells)
+            for m in modules
+        }
+        offsets = {m: c.offset for m, c in consts.items()}
+        gains = {m: c.rel_gain for m, c in consts.items()}
+    simulation = JungfrauSimulation(
+        modules=modules, cells=args.cells, gain_mode=args.gain_mode,
+        detector_id=args.detector_id, seed=args.seed, offsets=offsets, gains=gains,
+    )
+    stop = threading.Event()
+    _install_signal_handlers(stop.set)
+    log.info(
+        "sending %s trains of %d module(s) x %d cells (%.1f MB each) on %s (%s) at %s",
+        args.trains or "endless", len(modules), args.cells, simulation.nbytes_per_train / 1e6,
+        args.endpoint, args.pattern, f"{args.rate} Hz" if args.rate else "full speed",
+    )
+    with Sender(args.endpoint, args.pattern, bind=True) as sender:
+        stats = run_sender(
+            sender, simulation, n_trains=args.trains, rate_hz=args.rate or None,
+            first_train_id=args.first_train_id, stop=stop,
+        )
+    print(
+        f"sent {stats.trains} trains, {stats.bytes / 1e9:.3f} GB in {stats.seconds:.1f} s "
+        f"({stats.bytes / max(stats.seconds, 1e-9) / 1e9:.2f} GB/s)"
+    )
+    return 0
+
+
+def _cmd_constants_synth(args: argparse.Namespace) -> int:
+    from .calibrate import synth_jungfrau_constants
+
+    path = synth_jungfrau_constants(Path(args.output), cells=args.cells, seed=args.seed)
+    print(f"wrote synthetic {args.detector} constants ({args.cells} cells) to {path}")
+    return 0
+
+
+def _cmd_events_list(args: argparse.Namespace) -> int:
+    from .events import OUTBOX_FILENAME, Outbox, format_entries
+
+    path = Path(args.spool)
+    if path.is_dir():
+        path = path / OUTBOX_FILENAME
+    if not path.exists():
+        raise CalstreamError(f"no outbox at {path}")
+    outbox = Outbox(path, readonly=True)
+    try:
+        entries = outbox.entries(state=args.state)
+        print(format_entries(entries, verbose=args.verbose))
+    finally:
+        outbox.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Counters shared by the pipeline's threads, and the run summary printed at the end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["RunSummary", "Stats"]
+
+
+class Stats:
+    """Thread-safe named counters (trains, bytes, drops by reason, ...)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self.started = time.monotonic()
+
+    def add(self, name: str, n: int | float = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def get(self, name: str) -> int | float:
+        with self._lock:
+            return self._counts[name]
+
+    def snapshot(self) -> dict[str, int | float]:
+        with self._lock:
+            return dict(self._counts)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one ``calstream run`` did."""
+
+    trains: int
+    frames: int
+    bytes_in: int
+    bytes_out: int
+    files: int
+    events: int
+    seconds: float
+    unstored_files: int = 0
+    problems: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate_gbps(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        """A few human-readable lines."""
+        ratio = self.bytes_in / self.bytes_out if self.bytes_out else float("nan")
+        lines = [
+            f"trains   {self.trains}  ({self.trains / max(self.seconds, 1e-9):.1f}/s)",
+            f"frames   {self.frames}",
+            f"in       {self.bytes_in / 1e9:.3f} GB raw",
+            f"out      {self.bytes_out / 1e9:.3f} GB in files (raw/stored {ratio:.2f})",
+            f"files    {self.files} stored" + (
+                f", {self.unstored_files} left in the spool" if self.unstored_files else ""
+            ),
+            f"events   {self.events} recorded",
+            f"rate     {self.rate_gbps:.3f} GB/s raw over {self.seconds:.1f} s",
+        ]
+        if self.problems:
+            lines.append(
+                "problems " + ", ".join(f"{k}={v}" for k, v in sorted(self.problems.items()))
+            )
+        return "\n".join(lines)

@@ -1,0 +1,547 @@
+"""Wires the stages together: ingest → calibrate → store → events.
+
+Threads and the bounded queues between them::
+
+    receiver ──work──► workers (N) ──results──► writer ──files──► storer
+    decode, check      correct + compress        reorder by train,   destination,
+    module data        chunks (GIL released)     append chunks,      outbox, spool
+                                                 roll over files     clean-up
+
+Every accepted train gets a sequence number; the writer puts results back in that order, so
+the files' train ids always increase whatever order the workers finish in. A module whose data
+is missing or malformed in a train is written as a gap (INDEX count 0), counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfrau_constants
+from .config import Config
+from .errors import CalstreamError, DataError, ProtocolError
+from .events import EventSettings, Outbox, build_storage_event
+from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
+from .metrics import RunSummary, Stats
+from .store import FileInfo, SequenceWriter, Spool, get_codec, open_destination, read_file_info
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger(__name__)
+
+FRAME_SHAPE = (512, 1024)
+_STOP = object()
+_SENDER_PATTERN = {"pull": "push", "sub": "pub", "req": "rep"}
+
+
+@dataclass
+class ModuleInput:
+    """One module's raw data in one train (views on the received ZeroMQ frames)."""
+
+    adc: np.ndarray
+    gain: np.ndarray | None
+    memory_cell: np.ndarray
+    frame_number: np.ndarray
+
+
+@dataclass
+class TrainWork:
+    seq: int
+    train_id: int
+    timestamp_ns: int
+    modules: dict[int, ModuleInput]
+    nbytes: int
+
+
+@dataclass
+class TrainResult:
+    seq: int
+    train_id: int
+    timestamp_ns: int
+    chunks: dict[int, dict[str, list[bytes]]] = field(default_factory=dict)
+    small: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    frames: int = 0
+
+
+class Pipeline:
+    """One calstream process: receive, correct, write, store and announce.
+
+    Parameters
+    ----------
+    config
+        A validated :class:`~calstream.config.Config`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._max_trains: int | None = None
+        self._errors: list[BaseException] = []
+        self.name = config.pipeline.name
+
+        # Constants first: a missing or mis-shaped constant is the likeliest start-up error,
+        # and it must stop us before the spool, the outbox or any socket exists.
+        self.constants = self._load_constants()
+        out = config.output
+        self.codecs = {key: get_codec(name) for key, name in out.compression.items()}
+        for key in ("adc", "gain", "mask"):
+            self.codecs.setdefault(key, get_codec("bitshuffle-lz4"))
+        self.destination = open_destination(out.destination)
+        self.spool = Spool(Path(out.spool))
+        if config.events.outbox:
+            self.outbox = Outbox(config.events.outbox)
+        else:
+            self.outbox = Outbox.in_spool(out.spool)
+        settings: dict[str, Any] = {"cell_name": config.events.cell_name}
+        if config.events.cell_domain:
+            settings["cell_domain"] = config.events.cell_domain
+        if config.events.storage_info:
+            settings["storage_info"] = config.events.storage_info
+        self.event_settings = EventSettings(**settings)
+        self.correctors = {
+            module: JungfrauCorrector(consts, backend=config.calibration.backend)
+            for module, consts in self.constants.items()
+        }
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _load_constants(self) -> dict[int, Any]:
+        cal = self.config.calibration
+        loaded: dict[int, Any] = {}
+        by_path: dict[Path, Any] = {}
+        for module in self.config.source.modules:
+            path = cal.constants_path(module)
+            if not path.exists() and cal.synthesize_missing:
+                log.warning(
+                    "constants file %s not found: writing synthetic JUNGFRAU constants "
+                    "(calibration.synthesize_missing = true; never use these for real data)",
+                    path,
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                synth_jungfrau_constants(path, cells=cal.cells, seed=module)
+            if path not in by_path:
+                by_path[path] = load_jungfrau_constants(path, cells=cal.cells)
+            loaded[module] = by_path[path]
+        return loaded
+
+    def stop(self) -> None:
+        """Ask the pipeline to stop receiving, drain what it has and finish (thread-safe)."""
+        self._stop.set()
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def run(self, max_trains: int | None = None) -> RunSummary:
+        """Run until ``max_trains`` trains are accepted, the stream goes idle, or :meth:`stop`."""
+        cfg = self.config
+        self._max_trains = max_trains
+        if self._max_trains is None and cfg.simulate.enabled:
+            self._max_trains = cfg.simulate.trains
+        for corrector in self.correctors.values():
+            corrector.warmup()
+
+        work_q: queue.Queue[Any] = queue.Queue(maxsize=cfg.pipeline.queue_size)
+        result_q: queue.Queue[Any] = queue.Queue(maxsize=cfg.pipeline.queue_size * 2)
+        file_q: queue.Queue[Any] = queue.Queue()
+
+        recovered = self.spool.recover()
+        for path in recovered:
+            try:
+                info = read_file_info(path)
+            except CalstreamError as exc:
+                log.error(
+                    "%s: cannot read spooled file %s, left in place: %s", self.name, path, exc
+                )
+                continue
+            log.info("%s: storing %s left complete by an earlier run", self.name, info.relpath)
+            file_q.put(info)
+
+        receiver = Receiver(cfg.source.endpoint, cfg.source.pattern, bind=cfg.source.bind)
+        sender_thread = self._start_simulation() if cfg.simulate.enabled else None
+
+        started = time.monotonic()
+        self._spawn("storer", self._store_loop, file_q)
+        self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
+        for i in range(cfg.pipeline.workers):
+            self._spawn(f"worker-{i}", self._work_loop, work_q, result_q)
+        try:
+            self._receive_loop(receiver, work_q)
+        finally:
+            receiver.close()
+            try:
+                for _ in range(cfg.pipeline.workers):
+                    self._put(work_q, _STOP)
+            except RuntimeError:
+                pass  # a thread failed: the others are stopping; its error is raised below
+            for thread in self._threads:
+                thread.join(timeout=None if not self._errors else 10)
+            if sender_thread is not None:
+                self._stop.set()
+                sender_thread.join(timeout=5)
+            self.outbox.close()
+        seconds = time.monotonic() - started
+        if self._errors:
+            raise self._errors[0]
+        return self._summary(seconds)
+
+    def _put(self, q: queue.Queue[Any], item: Any) -> None:
+        """Put into a bounded queue, but give up if a downstream thread has failed."""
+        while True:
+            try:
+                q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._errors:
+                    raise RuntimeError("a pipeline thread failed; see the log") from None
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        def guarded() -> None:
+            try:
+                target(*args)
+            except BaseException as exc:
+                log.exception("%s: %s thread failed", self.name, name)
+                self._errors.append(exc)
+                self._stop.set()
+
+        thread = threading.Thread(target=guarded, name=f"calstream-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_simulation(self) -> threading.Thread:
+        cfg = self.config
+        sim_cfg = cfg.simulate
+        simulation = JungfrauSimulation(
+            modules=cfg.source.modules,
+            cells=cfg.calibration.cells,
+            gain_mode=sim_cfg.gain_mode,
+            detector_id=cfg.source.detector_id,
+            seed=sim_cfg.seed,
+            offsets={m: c.offset for m, c in self.constants.items()},
+            gains={m: c.rel_gain for m, c in self.constants.items()},
+        )
+        sender = Sender(
+            cfg.source.endpoint, _SENDER_PATTERN[cfg.source.pattern], bind=not cfg.source.bind
+        )
+
+        def send() -> None:
+            with sender:
+                stats = run_sender(
+                    sender,
+                    simulation,
+                    n_trains=sim_cfg.trains,
+                    rate_hz=sim_cfg.rate or None,
+                    first_train_id=sim_cfg.first_train_id,
+                    stop=self._stop,
+                )
+            log.info("simulation sent %d trains (%.2f GB)", stats.trains, stats.bytes / 1e9)
+
+        thread = threading.Thread(target=send, name="calstream-simulate", daemon=True)
+        thread.start()
+        return thread
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _receive_loop(self, receiver: Receiver, work_q: queue.Queue[Any]) -> None:
+        cfg = self.config
+        idle = cfg.source.idle_timeout
+        seq = 0
+        last_train: int | None = None
+        last_data = time.monotonic()
+        next_status = time.monotonic() + cfg.pipeline.log_every
+        log.info(
+            "%s: receiving %s (%s) for modules %s",
+            self.name, cfg.source.endpoint, cfg.source.pattern, list(cfg.source.modules),
+        )
+        while not self._stop.is_set():
+            if self._max_trains is not None and seq >= self._max_trains:
+                break
+            now = time.monotonic()
+            if now >= next_status:
+                self._log_status(work_q)
+                next_status = now + cfg.pipeline.log_every
+            try:
+                message = receiver.receive(timeout=0.2)
+            except ProtocolError as exc:
+                self.stats.add("rejected_messages")
+                log.error("%s: rejected message: %s", self.name, exc)
+                continue
+            if message is None:
+                if idle and seq and time.monotonic() - last_data > idle:
+                    log.info("%s: no data for %.1f s, stopping", self.name, idle)
+                    break
+                continue
+            last_data = time.monotonic()
+            data, metadata = message
+            work = self._accept(seq, data, metadata, last_train)
+            if work is None:
+                continue
+            last_train = work.train_id
+            seq += 1
+            self.stats.add("trains_in")
+            self.stats.add("bytes_in", work.nbytes)
+            self._put(work_q, work)
+
+    def _accept(
+        self, seq: int, data: dict[str, Any], metadata: dict[str, Any], last_train: int | None
+    ) -> TrainWork | None:
+        cfg = self.config
+        train_id = _train_id(metadata)
+        if train_id is None:
+            self.stats.add("rejected_messages")
+            log.error("%s: rejected message without timestamp.tid (sources %s)",
+                      self.name, sorted(data))
+            return None
+        if last_train is not None and train_id <= last_train:
+            self.stats.add("rejected_trains_backwards")
+            log.error(
+                "%s: train %d rejected: train ids must increase (last accepted %d)",
+                self.name, train_id, last_train,
+            )
+            return None
+        modules: dict[int, ModuleInput] = {}
+        nbytes = 0
+        for module in cfg.source.modules:
+            source = cfg.source.source_name(module)
+            if source not in data:
+                self.stats.add("module_missing")
+                log.warning("%s: train %d has no data from %s", self.name, train_id, source)
+                continue
+            try:
+                item = self._module_input(source, train_id, data[source])
+            except DataError as exc:
+                self.stats.add("module_rejected")
+                log.error("%s: %s", self.name, exc)
+                continue
+            modules[module] = item
+            nbytes += item.adc.nbytes + (item.gain.nbytes if item.gain is not None else 0)
+        timestamp_ns = _timestamp_ns(metadata)
+        return TrainWork(seq, train_id, timestamp_ns, modules, nbytes)
+
+    def _module_input(self, source: str, train_id: int, values: dict[str, Any]) -> ModuleInput:
+        cells = self.config.calibration.cells
+        gain_mode = self.config.source.gain_mode
+        adc = values.get("data.adc")
+        if not isinstance(adc, np.ndarray):
+            raise DataError("missing array 'data.adc'", source=source, train_id=train_id,
+                            key="data.adc")
+        if adc.dtype != np.uint16 or adc.shape != (cells, *FRAME_SHAPE):
+            raise DataError(
+                f"expected uint16 {(cells, *FRAME_SHAPE)}, got {adc.dtype} {adc.shape}",
+                source=source, train_id=train_id, key="data.adc",
+            )
+        gain = values.get("data.gain") if gain_mode in ("auto", "array") else None
+        if gain_mode == "array" and gain is None:
+            raise DataError("missing array 'data.gain' (source.gain_mode = 'array')",
+                            source=source, train_id=train_id, key="data.gain")
+        if gain is not None and (
+            not isinstance(gain, np.ndarray) or gain.dtype != np.uint8 or gain.shape != adc.shape
+        ):
+            raise DataError(
+                f"expected uint8 {adc.shape}, got {getattr(gain, 'dtype', type(gain).__name__)} "
+                f"{getattr(gain, 'shape', '')}",
+                source=source, train_id=train_id, key="data.gain",
+            )
+        memory_cell = values.get("data.memoryCell")
+        if memory_cell is None:
+            memory_cell = np.arange(cells, dtype=np.uint8)
+        memory_cell = np.asarray(memory_cell)
+        if memory_cell.shape != (cells,):
+            raise DataError(f"expected shape ({cells},), got {memory_cell.shape}",
+                            source=source, train_id=train_id, key="data.memoryCell")
+        frame_number = values.get("data.frameNumber")
+        if frame_number is None or np.shape(frame_number) != (cells,):
+            frame_number = np.zeros(cells, dtype=np.uint64)
+        return ModuleInput(adc, gain, memory_cell, np.asarray(frame_number, dtype=np.uint64))
+
+    def _work_loop(self, work_q: queue.Queue[Any], result_q: queue.Queue[Any]) -> None:
+        cells = self.config.calibration.cells
+        # Per-worker output buffers (aligned, so the kernels can stream their stores), reused
+        # for every train: chunks are encoded before the next train overwrites them.
+        data, gain, mask = next(iter(self.correctors.values())).empty_outputs(cells)
+        buffers = {"adc": data, "gain": gain, "mask": mask}
+        while True:
+            work = work_q.get()
+            if work is _STOP:
+                self._put(result_q, _STOP)
+                return
+            result = TrainResult(work.seq, work.train_id, work.timestamp_ns)
+            for module, item in work.modules.items():
+                source = self.config.source.source_name(module)
+                t0 = time.perf_counter()
+                try:
+                    self.correctors[module].correct(
+                        item.adc, item.gain, item.memory_cell,
+                        buffers["adc"], buffers["gain"], buffers["mask"],
+                        source=source, train_id=work.train_id,
+                    )
+                    t1 = time.perf_counter()
+                    chunks = {
+                        key: [self.codecs[key].encode(frame) for frame in buf]
+                        for key, buf in buffers.items()
+                    }
+                except DataError as exc:
+                    self.stats.add("module_rejected")
+                    log.error("%s: %s", self.name, exc)
+                    continue
+                except Exception:
+                    # A bug must not silently stall the writer: record a gap and go on.
+                    self.stats.add("module_failed")
+                    log.exception("%s: %s train %d failed", self.name, source, work.train_id)
+                    continue
+                t2 = time.perf_counter()
+                result.chunks[module] = chunks
+                result.small[module] = {
+                    "memoryCell": np.asarray(item.memory_cell, dtype=np.uint8),
+                    "frameNumber": item.frame_number,
+                }
+                result.frames += cells
+                self.stats.add("seconds_correct", t1 - t0)
+                self.stats.add("seconds_compress", t2 - t1)
+            self._put(result_q, result)
+
+    def _write_loop(
+        self, result_q: queue.Queue[Any], file_q: queue.Queue[Any], n_workers: int
+    ) -> None:
+        cfg = self.config
+        writers = {
+            module: SequenceWriter(
+                self.spool,
+                run=cfg.output.run,
+                proposal=cfg.output.proposal,
+                detector="jungfrau",
+                module=module,
+                aggregator="JNGFR",
+                source=cfg.output_source(module),
+                cells=cfg.calibration.cells,
+                codecs=self.codecs,
+                trains_per_file=cfg.output.trains_per_file,
+                provenance={
+                    "constants": self.constants[module].provenance,
+                    "backend": cfg.calibration.backend,
+                },
+            )
+            for module in cfg.source.modules
+        }
+        pending: dict[int, TrainResult] = {}
+        next_seq = 0
+        stopped = 0
+        try:
+            while stopped < n_workers:
+                item = result_q.get()
+                if item is _STOP:
+                    stopped += 1
+                    continue
+                pending[item.seq] = item
+                while next_seq in pending:
+                    result = pending.pop(next_seq)
+                    next_seq += 1
+                    for module, writer in writers.items():
+                        closed = writer.write_train(
+                            result.train_id,
+                            result.timestamp_ns,
+                            result.chunks.get(module),
+                            result.small.get(module),
+                        )
+                        for info in closed:
+                            file_q.put(info)
+                    self.stats.add("trains_written")
+                    self.stats.add("frames_written", result.frames)
+        finally:
+            for writer in writers.values():
+                info = writer.close()
+                if info is not None:
+                    file_q.put(info)
+            file_q.put(_STOP)
+
+    def _store_loop(self, file_q: queue.Queue[Any]) -> None:
+        while True:
+            info = file_q.get()
+            if info is _STOP:
+                return
+            self._store_one(info)
+
+    def _store_one(self, info: FileInfo) -> None:
+        try:
+            stored = self.destination.store(info.path, info.relpath)
+        except CalstreamError as exc:
+            self.stats.add("files_unstored")
+            log.error(
+                "%s: %s not stored, kept in the spool for the next start: %s",
+                self.name, info.relpath, exc,
+            )
+            return
+        self.stats.add("files_stored")
+        self.stats.add("bytes_out", stored.size)
+        if self.outbox.has_file(stored.path):
+            log.info("%s: %s was announced before; not announcing again", self.name, stored.path)
+        else:
+            event = build_storage_event(stored, info, self.event_settings)
+            self.outbox.add(event)
+            self.stats.add("events")
+        self.spool.remove(info.path)
+        log.info(
+            "%s: stored %s (%d trains, %.1f MB, adler32 %s)",
+            self.name, stored.url, info.trains, stored.size / 1e6, stored.adler32,
+        )
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _log_status(self, work_q: queue.Queue[Any]) -> None:
+        s = self.stats.snapshot()
+        elapsed = max(time.monotonic() - self.stats.started, 1e-9)
+        log.info(
+            "%s: %d trains in (%.2f GB/s), %d written, %d files stored, queue %d/%d",
+            self.name,
+            s.get("trains_in", 0),
+            s.get("bytes_in", 0) / elapsed / 1e9,
+            s.get("trains_written", 0),
+            s.get("files_stored", 0),
+            work_q.qsize(),
+            self.config.pipeline.queue_size,
+        )
+
+    def _summary(self, seconds: float) -> RunSummary:
+        s = self.stats.snapshot()
+        problem_keys = (
+            "rejected_messages", "rejected_trains_backwards", "module_missing",
+            "module_rejected", "module_failed", "files_unstored",
+        )
+        return RunSummary(
+            trains=int(s.get("trains_written", 0)),
+            frames=int(s.get("frames_written", 0)),
+            bytes_in=int(s.get("bytes_in", 0)),
+            bytes_out=int(s.get("bytes_out", 0)),
+            files=int(s.get("files_stored", 0)),
+            events=int(s.get("events", 0)),
+            seconds=seconds,
+            unstored_files=int(s.get("files_unstored", 0)),
+            problems={k: int(s[k]) for k in problem_keys if s.get(k)},
+        )
+
+
+def _train_id(metadata: dict[str, Any]) -> int | None:
+    for meta in metadata.values():
+        tid = meta.get("timestamp.tid") if isinstance(meta, dict) else None
+        if isinstance(tid, int) and not isinstance(tid, bool):
+            return tid
+    return None
+
+
+def _timestamp_ns(metadata: dict[str, Any]) -> int:
+    """The train's timestamp in ns, or 0 when the stream does not carry one."""
+    for meta in metadata.values():
+        sec, frac = meta.get("timestamp.sec"), meta.get("timestamp.frac")
+        if isinstance(sec, str) and isinstance(frac, str) and sec.isdigit() and frac.isdigit():
+            return int(sec) * 1_000_000_000 + int(frac.ljust(18, "0")[:9])
+        ts = meta.get("timestamp")
+        if isinstance(ts, int | float) and ts > 0:
+            return int(ts * 1e9)
+    return 0

@@ -1,0 +1,215 @@
+"""The whole pipeline against the facility's own peers: karabo-bridge servers in, EXtra-data out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calstream.calibrate import JungfrauCorrector, load_jungfrau_constants
+from calstream.events import Outbox
+from calstream.ingest import JungfrauSimulation
+from calstream.pipeline import Pipeline
+
+BIN = Path(sys.executable).parent
+
+
+def validate(path: Path) -> None:
+    """EXtra-data's own validator must accept what we wrote."""
+    exe = shutil.which("extra-data-validate", path=str(BIN)) or "extra-data-validate"
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def stored_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.h5"))
+
+
+def test_karabo_bridge_server_to_extra_data(make_config, constants_1cell, port, tmp_path):
+    """REQ against karabo_bridge.ServerInThread; the run reads back bit for bit."""
+    from extra_data import RunDirectory
+    from extra_data.components import JUNGFRAU
+    from karabo_bridge import ServerInThread
+
+    simulation = JungfrauSimulation(modules=(1,), cells=1, gain_mode="bits", seed=3)
+    train_ids = [20000, 20001, 20002, 20005, 20006]  # a jump is fine, only backwards is not
+    sent = []
+    server = ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=len(train_ids))
+    server.start()
+    try:
+        for tid in train_ids:
+            data, meta = simulation.train(tid)
+            sent.append(data[simulation.sources[0]]["data.adc"].copy())
+            server.feed(data, meta)
+        config = make_config(
+            constants_1cell,
+            source__pattern="req",
+            output__trains_per_file=2,
+            output__run=17,
+        )
+        summary = Pipeline(config).run(max_trains=len(train_ids))
+    finally:
+        server.stop()
+
+    assert summary.trains == 5
+    assert summary.files == 3 and summary.events == 3
+    assert summary.problems == {}
+    run_dir = tmp_path / "data" / "r0017"
+    files = stored_files(tmp_path / "data")
+    assert [f.name for f in files] == [
+        f"CORR-R0017-JNGFR01-S{seq:05d}.h5" for seq in range(3)
+    ]
+    assert all(f.parent == run_dir for f in files)
+    validate(run_dir)
+
+    run = RunDirectory(run_dir)
+    assert list(run.train_ids) == train_ids
+    jf = JUNGFRAU(run)
+    adc = jf.get_array("data.adc")
+    assert adc.shape == (1, 5, 1, 512, 1024)  # module, train, cell, ss, fs
+
+    # Bit for bit what the kernel gives for the raw data that was served.
+    consts = load_jungfrau_constants(constants_1cell, cells=1)
+    corrector = JungfrauCorrector(consts, backend="numba")
+    for i, raw in enumerate(sent):
+        out = np.empty((1, 512, 1024), np.float32)
+        gain = np.empty(out.shape, np.uint8)
+        mask = np.empty(out.shape, np.uint32)
+        corrector.correct(raw, None, np.zeros(1, np.uint8), out, gain, mask)
+        np.testing.assert_array_equal(adc.values[0, i], out)
+        np.testing.assert_array_equal(jf.get_array("data.mask").values[0, i], mask)
+
+    # One event per stored file, with the file's real size and adler32.
+    outbox = Outbox(tmp_path / "spool" / "outbox.sqlite3")
+    try:
+        entries = outbox.entries()
+    finally:
+        outbox.close()
+    assert len(entries) == 3
+    for entry, path in zip(entries, files, strict=True):
+        value = json.loads(entry.value)
+        assert value["msgType"] == "transfer" and value["isWrite"] == "write"
+        assert value["fileSize"] == path.stat().st_size
+        digest = f"{zlib.adler32(path.read_bytes()) & 0xFFFFFFFF:08x}"
+        assert value["calstream"]["checksum"]["adler32"] == digest
+    # Nothing is left half-done: no hidden temporaries, no spool files.
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    for area in ("building", "complete", "failed"):
+        assert not list((tmp_path / "spool" / area).glob("*.h5")), area
+
+
+@pytest.fixture(scope="module")
+def mock_raw_run(tmp_path_factory):
+    """A raw JUNGFRAU run made by EXtra-data's own mock-data writer."""
+    from extra_data.tests.make_examples import write_file
+    from extra_data.tests.mockdata.jungfrau import JUNGFRAUModule
+
+    run_dir = tmp_path_factory.mktemp("raw") / "r0012"
+    run_dir.mkdir()
+    write_file(
+        str(run_dir / "RAW-R0012-JNGFR01-S00000.h5"),
+        [JUNGFRAUModule("SPB_IRDA_JF4M/DET/JNGFR01", raw=True)],
+        ntrains=4,
+        chunksize=1,
+        format_version="1.0",
+    )
+    return run_dir
+
+
+@pytest.mark.timeout(120)
+def test_serve_files_mock_run(make_config, constants_16cell, mock_raw_run, port, tmp_path):
+    """karabo-bridge-serve-files streams an EXtra-data mock run; we write exactly its trains."""
+    from extra_data import RunDirectory
+
+    served = list(RunDirectory(mock_raw_run).train_ids)
+    exe = shutil.which("karabo-bridge-serve-files", path=str(BIN)) or "karabo-bridge-serve-files"
+    proc = subprocess.Popen(
+        [exe, str(mock_raw_run), f"tcp://127.0.0.1:{port}", "-z", "REP"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()  # e.g. a missing dependency
+        config = make_config(
+            constants_16cell, cells=16, source__pattern="req", output__run=12,
+            output__trains_per_file=10, source__idle_timeout=20.0,
+        )
+        summary = Pipeline(config).run(max_trains=len(served))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert summary.trains == len(served)
+    assert summary.problems == {}
+    out_dir = tmp_path / "data" / "r0012"
+    validate(out_dir)
+    run = RunDirectory(out_dir)
+    assert list(run.train_ids) == served
+    assert run.instrument_sources == {"SPB_IRDA_JF4M/CORR/JNGFR01:output"}
+
+
+def test_demo_command_from_the_readme(tmp_path):
+    """`calstream run configs/demo.toml`, shortened, in a fresh directory."""
+    repo = Path(__file__).resolve().parents[1]
+    config = repo / "configs" / "demo.toml"
+    from tests.conftest import free_port
+
+    cmd = [
+        str(BIN / "calstream"), "run", str(config),
+        "--set", "simulate.trains=6", "--set", "output.trains_per_file=4",
+        "--set", "calibration.cells=1",
+        "--set", f"source.endpoint=tcp://127.0.0.1:{free_port()}",
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "trains   6" in out and "files    2 stored" in out and "events   2" in out
+    assert (tmp_path / "constants" / "jungfrau-JNGFR01.h5").exists()  # made on first run
+    assert len(stored_files(tmp_path / "data")) == 2
+    assert time.monotonic() - start < 300
+
+    listing = subprocess.run(
+        [str(BIN / "calstream"), "events", "list", "spool"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "CORR-R0001-JNGFR01-S00000.h5" in listing.stdout
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[output]\ntrains_per_file = 0\n")
+    proc = subprocess.run(
+        [str(BIN / "calstream"), "run", str(bad)], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(bad) in lines[0] and "output.trains_per_file" in lines[0]
+
+    proc = subprocess.run(
+        [
+            str(BIN / "calstream"), "run",
+            "--set", "calibration.synthesize_missing=false",
+            "--set", "calibration.constants=missing/jf{module:02d}.h5",
+        ],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1, proc.stderr
+    assert "missing/jf01.h5" in lines[0] and "not found" in lines[0]
+    assert not (tmp_path / "data").exists()
