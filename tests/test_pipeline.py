@@ -213,3 +213,36 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "missing/jf01.h5" in lines[0] and "not found" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_unreachable_destination_keeps_files_until_next_start(
+    make_config, constants_1cell, tmp_path
+):
+    """Files the destination refuses stay in the spool; the next start stores and announces them."""
+    blocker = tmp_path / "data" / "r0001"
+    blocker.parent.mkdir()
+    blocker.write_text("not a directory")  # the run's folder cannot be created
+    config = make_config(
+        constants_1cell, simulate__enabled=True, simulate__trains=3, output__trains_per_file=2
+    )
+    summary = Pipeline(config).run()
+    assert summary.trains == 3
+    assert summary.files == 0 and summary.unstored_files == 2 and summary.events == 0
+    complete = sorted((tmp_path / "spool" / "complete").glob("*.h5"))
+    assert [p.name for p in complete] == [
+        "CORR-R0001-JNGFR01-S00000.h5", "CORR-R0001-JNGFR01-S00001.h5"
+    ]
+
+    blocker.unlink()
+    summary = Pipeline(config).run(max_trains=0)
+    assert summary.files == 2 and summary.events == 2 and summary.unstored_files == 0
+    stored = stored_files(tmp_path / "data")
+    assert [p.name for p in stored] == [p.name for p in complete]
+    validate(tmp_path / "data" / "r0001")
+    assert not list((tmp_path / "spool" / "complete").glob("*.h5"))
+
+    # A third start finds nothing to do and announces nothing twice.
+    summary = Pipeline(config).run(max_trains=0)
+    assert summary.files == 0 and summary.events == 0
+    with Outbox(tmp_path / "spool" / "outbox.sqlite3") as outbox:
+        assert len(outbox.entries()) == 2

@@ -37,6 +37,7 @@ __all__ = ["Pipeline"]
 log = logging.getLogger(__name__)
 
 FRAME_SHAPE = (512, 1024)
+OUTPUT_DTYPES = {"adc": np.float32, "gain": np.uint8, "mask": np.uint32}
 _STOP = object()
 _SENDER_PATTERN = {"pull": "push", "sub": "pub", "req": "rep"}
 
@@ -65,9 +66,32 @@ class TrainResult:
     seq: int
     train_id: int
     timestamp_ns: int
-    chunks: dict[int, dict[str, list[bytes]]] = field(default_factory=dict)
+    slab: np.ndarray
+    chunks: dict[int, dict[str, list[np.ndarray]]] = field(default_factory=dict)
     small: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     frames: int = 0
+
+
+class SlabPool:
+    """A fixed set of byte buffers that hold one train's encoded chunks, reused forever.
+
+    Encoding into fresh ``bytes`` costs a page fault per 4 KiB of output on first touch; a
+    slab is touched once and then recycled by the writer. A worker takes one slab per train
+    before it starts, so the train the writer waits for always has its slab (no deadlock);
+    when all slabs are in flight, workers wait, which bounds memory.
+    """
+
+    def __init__(self, count: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(np.empty(nbytes, np.uint8))
+
+    def get(self) -> np.ndarray:
+        return self._free.get()
+
+    def put(self, slab: np.ndarray) -> None:
+        self._free.put(slab)
 
 
 class Pipeline:
@@ -149,7 +173,9 @@ class Pipeline:
             corrector.warmup()
 
         work_q: queue.Queue[Any] = queue.Queue(maxsize=cfg.pipeline.queue_size)
-        result_q: queue.Queue[Any] = queue.Queue(maxsize=cfg.pipeline.queue_size * 2)
+        # Bounded by the slab pool: a worker needs a free slab before it takes on a train.
+        result_q: queue.Queue[Any] = queue.Queue()
+        self._slabs = SlabPool(2 * cfg.pipeline.workers + 2, self._slab_bytes())
         file_q: queue.Queue[Any] = queue.Queue()
 
         recovered = self.spool.recover()
@@ -168,6 +194,7 @@ class Pipeline:
         sender_thread = self._start_simulation() if cfg.simulate.enabled else None
 
         started = time.monotonic()
+        self._last_status = (started, 0)
         self._spawn("storer", self._store_loop, file_q)
         self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
         for i in range(cfg.pipeline.workers):
@@ -361,6 +388,16 @@ class Pipeline:
             frame_number = np.zeros(cells, dtype=np.uint64)
         return ModuleInput(adc, gain, memory_cell, np.asarray(frame_number, dtype=np.uint64))
 
+    def _slab_bytes(self) -> int:
+        """Bytes needed for the encoded chunks of one train of all modules, at worst."""
+        per_frame = sum(
+            self.codecs[key].max_encoded_size(
+                int(np.prod(FRAME_SHAPE)) * np.dtype(dt).itemsize, np.dtype(dt).itemsize
+            )
+            for key, dt in OUTPUT_DTYPES.items()
+        )
+        return per_frame * self.config.calibration.cells * len(self.config.source.modules)
+
     def _work_loop(self, work_q: queue.Queue[Any], result_q: queue.Queue[Any]) -> None:
         cells = self.config.calibration.cells
         # Per-worker output buffers (aligned, so the kernels can stream their stores), reused
@@ -372,7 +409,8 @@ class Pipeline:
             if work is _STOP:
                 self._put(result_q, _STOP)
                 return
-            result = TrainResult(work.seq, work.train_id, work.timestamp_ns)
+            result = TrainResult(work.seq, work.train_id, work.timestamp_ns, self._slabs.get())
+            used = 0
             for module, item in work.modules.items():
                 source = self.config.source.source_name(module)
                 t0 = time.perf_counter()
@@ -383,10 +421,14 @@ class Pipeline:
                         source=source, train_id=work.train_id,
                     )
                     t1 = time.perf_counter()
-                    chunks = {
-                        key: [self.codecs[key].encode(frame) for frame in buf]
-                        for key, buf in buffers.items()
-                    }
+                    chunks: dict[str, list[np.ndarray]] = {}
+                    for key, buf in buffers.items():
+                        codec = self.codecs[key]
+                        encoded = chunks[key] = []
+                        for frame in buf:
+                            chunk = codec.encode_into(frame, result.slab[used:])
+                            encoded.append(chunk)
+                            used += chunk.nbytes
                 except DataError as exc:
                     self.stats.add("module_rejected")
                     log.error("%s: %s", self.name, exc)
@@ -443,15 +485,19 @@ class Pipeline:
                 while next_seq in pending:
                     result = pending.pop(next_seq)
                     next_seq += 1
-                    for module, writer in writers.items():
-                        closed = writer.write_train(
-                            result.train_id,
-                            result.timestamp_ns,
-                            result.chunks.get(module),
-                            result.small.get(module),
-                        )
-                        for info in closed:
-                            file_q.put(info)
+                    try:
+                        for module, writer in writers.items():
+                            closed = writer.write_train(
+                                result.train_id,
+                                result.timestamp_ns,
+                                result.chunks.get(module),
+                                result.small.get(module),
+                            )
+                            for info in closed:
+                                file_q.put(info)
+                    finally:
+                        result.chunks.clear()  # no views of the slab may outlive it
+                        self._slabs.put(result.slab)
                     self.stats.add("trains_written")
                     self.stats.add("frames_written", result.frames)
         finally:
@@ -496,12 +542,14 @@ class Pipeline:
 
     def _log_status(self, work_q: queue.Queue[Any]) -> None:
         s = self.stats.snapshot()
-        elapsed = max(time.monotonic() - self.stats.started, 1e-9)
+        now = time.monotonic()
+        last_time, last_bytes = self._last_status
+        self._last_status = (now, s.get("bytes_in", 0))
         log.info(
             "%s: %d trains in (%.2f GB/s), %d written, %d files stored, queue %d/%d",
             self.name,
             s.get("trains_in", 0),
-            s.get("bytes_in", 0) / elapsed / 1e9,
+            (s.get("bytes_in", 0) - last_bytes) / max(now - last_time, 1e-9) / 1e9,
             s.get("trains_written", 0),
             s.get("files_stored", 0),
             work_q.qsize(),

@@ -1,0 +1,63 @@
+"""The `calstream` command as a user runs it: simulate, constants synth, check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+
+from calstream.ingest import Receiver
+
+CALSTREAM = str(Path(sys.executable).parent / "calstream")
+
+
+def test_simulate_streams_trains_a_receiver_decodes(port):
+    proc = subprocess.Popen(
+        [
+            CALSTREAM, "--log-level", "warning", "simulate",
+            "--endpoint", f"tcp://127.0.0.1:{port}", "--pattern", "push",
+            "--modules", "1-2", "--cells", "1", "--gain-mode", "array",
+            "--trains", "3", "--rate", "0", "--first-train-id", "500",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    received = []
+    with Receiver(f"tcp://127.0.0.1:{port}", "pull") as receiver:
+        for _ in range(3):
+            message = receiver.receive(timeout=30)
+            assert message is not None
+            received.append(message)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "sent 3 trains" in out
+    tids = [next(iter(meta.values()))["timestamp.tid"] for _, meta in received]
+    assert tids == [500, 501, 502]
+    data, _ = received[0]
+    assert sorted(data) == [
+        "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput", "SPB_IRDA_JF4M/DET/JNGFR02:daqOutput"
+    ]
+    module = data["SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"]
+    assert module["data.adc"].shape == (1, 512, 1024)
+    assert module["data.gain"].dtype == "uint8"
+
+
+def test_constants_synth_writes_the_facility_layout(tmp_path):
+    out = tmp_path / "jf.h5"
+    proc = subprocess.run(
+        [CALSTREAM, "constants", "synth", "--detector", "jungfrau", "--cells", "1", "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        for name in ("Offset10Hz", "RelativeGain10Hz", "BadPixelsDark10Hz"):
+            assert f[f"{name}/data"].shape == (1024, 512, 1, 3)  # fast_scan, slow_scan, cell, gain
+
+
+def test_check_prints_the_resolved_config(tmp_path):
+    proc = subprocess.run(
+        [CALSTREAM, "check", "--set", "output.run=42"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "run = 42" in proc.stdout and "[calibration]" in proc.stdout
