@@ -43,6 +43,7 @@ class RunSummary:
     events: int
     seconds: float
     unstored_files: int = 0
+    bytes_uncompressed: int = 0
     problems: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -51,12 +52,13 @@ class RunSummary:
 
     def format(self) -> str:
         """A few human-readable lines."""
-        ratio = self.bytes_in / self.bytes_out if self.bytes_out else float("nan")
+        ratio = self.bytes_uncompressed / self.bytes_out if self.bytes_out else float("nan")
         lines = [
             f"trains   {self.trains}  ({self.trains / max(self.seconds, 1e-9):.1f}/s)",
             f"frames   {self.frames}",
             f"in       {self.bytes_in / 1e9:.3f} GB raw",
-            f"out      {self.bytes_out / 1e9:.3f} GB in files (raw/stored {ratio:.2f})",
+            f"out      {self.bytes_out / 1e9:.3f} GB in files "
+            f"({self.bytes_uncompressed / 1e9:.3f} GB corrected, compressed {ratio:.2f}x)",
             f"files    {self.files} stored" + (
                 f", {self.unstored_files} left in the spool" if self.unstored_files else ""
             ),

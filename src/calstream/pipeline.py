@@ -526,6 +526,7 @@ class Pipeline:
             return
         self.stats.add("files_stored")
         self.stats.add("bytes_out", stored.size)
+        self.stats.add("bytes_uncompressed", info.raw_bytes)
         if self.outbox.has_file(stored.path):
             log.info("%s: %s was announced before; not announcing again", self.name, stored.path)
         else:
@@ -571,6 +572,7 @@ class Pipeline:
             events=int(s.get("events", 0)),
             seconds=seconds,
             unstored_files=int(s.get("files_unstored", 0)),
+            bytes_uncompressed=int(s.get("bytes_uncompressed", 0)),
             problems={k: int(s[k]) for k in problem_keys if s.get(k)},
         )
 

@@ -77,14 +77,14 @@ class JungfrauCorrector:
         if backend not in BACKENDS:
             raise ConfigError(
                 f"unknown calibration backend {backend!r}; known backends: {', '.join(BACKENDS)}",
-                key="backend",
+                key="calibration.backend",
             )
         if backend == "cython" and not native_available():
             raise ConfigError(
                 f"calibration backend 'cython' needs the compiled extension "
                 f"({native_unavailable_reason()}); use 'numba' or build it with "
                 "`python setup.py build_ext --inplace`",
-                key="backend",
+                key="calibration.backend",
             )
         if frame_shape is not None and constants.frame_shape != tuple(frame_shape):
             raise ConstantsError(
