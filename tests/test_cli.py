@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
 
 from calstream.ingest import Receiver
 
@@ -27,7 +28,9 @@ def test_simulate_streams_trains_a_receiver_decodes(port):
     with Receiver(f"tcp://127.0.0.1:{port}", "pull") as receiver:
         for _ in range(3):
             message = receiver.receive(timeout=30)
-            assert message is not None
+            if message is None:
+                proc.kill()
+                pytest.fail(f"no train from calstream simulate: {proc.communicate()}")
             received.append(message)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -402,8 +402,11 @@ class Sender:
         self.linger = linger
         self.bytes_sent = 0
         self.messages_sent = 0
-        context = context if context is not None else zmq.Context.instance()
-        self._socket: zmq.Socket | None = context.socket(SENDER_PATTERNS[pattern])
+        # Our own context unless given one: closing it is what makes ZeroMQ honour the linger
+        # (a process that exits with a shared context still open drops the queued trains).
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._socket: zmq.Socket | None = self._context.socket(SENDER_PATTERNS[pattern])
         try:
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.setsockopt(zmq.SNDHWM, hwm)
@@ -414,6 +417,8 @@ class Sender:
                 self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self._socket.close(linger=0)
+            if self._own_context:
+                self._context.term()
             raise ConfigError(f"cannot {'bind' if bind else 'connect'} a {pattern.upper()} "
                               f"socket: {exc}", source=endpoint) from exc
         self.endpoint = endpoint
@@ -462,6 +467,8 @@ class Sender:
         if self._socket is not None:
             self._socket.close(linger=int(self.linger * 1000))
             self._socket = None
+            if self._own_context:
+                self._context.term()
 
     def __enter__(self) -> Sender:
         return self
