@@ -44,6 +44,7 @@ class RunSummary:
     seconds: float
     unstored_files: int = 0
     bytes_uncompressed: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     problems: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -65,6 +66,15 @@ class RunSummary:
             f"events   {self.events} recorded",
             f"rate     {self.rate_gbps:.3f} GB/s raw over {self.seconds:.1f} s",
         ]
+        if self.trains and self.stage_seconds:
+            lines.append(
+                "per train "
+                + ", ".join(
+                    f"{stage} {sec / self.trains * 1e3:.1f} ms"
+                    for stage, sec in self.stage_seconds.items()
+                )
+                + " (busy time; workers run in parallel)"
+            )
         if self.problems:
             lines.append(
                 "problems " + ", ".join(f"{k}={v}" for k, v in sorted(self.problems.items()))

@@ -485,6 +485,7 @@ class Pipeline:
                 while next_seq in pending:
                     result = pending.pop(next_seq)
                     next_seq += 1
+                    t0 = time.perf_counter()
                     try:
                         for module, writer in writers.items():
                             closed = writer.write_train(
@@ -498,6 +499,7 @@ class Pipeline:
                     finally:
                         result.chunks.clear()  # no views of the slab may outlive it
                         self._slabs.put(result.slab)
+                    self.stats.add("seconds_write", time.perf_counter() - t0)
                     self.stats.add("trains_written")
                     self.stats.add("frames_written", result.frames)
         finally:
@@ -515,6 +517,7 @@ class Pipeline:
             self._store_one(info)
 
     def _store_one(self, info: FileInfo) -> None:
+        t0 = time.perf_counter()
         try:
             stored = self.destination.store(info.path, info.relpath)
         except CalstreamError as exc:
@@ -524,6 +527,7 @@ class Pipeline:
                 self.name, info.relpath, exc,
             )
             return
+        self.stats.add("seconds_store", time.perf_counter() - t0)
         self.stats.add("files_stored")
         self.stats.add("bytes_out", stored.size)
         self.stats.add("bytes_uncompressed", info.raw_bytes)
@@ -573,6 +577,10 @@ class Pipeline:
             seconds=seconds,
             unstored_files=int(s.get("files_unstored", 0)),
             bytes_uncompressed=int(s.get("bytes_uncompressed", 0)),
+            stage_seconds={
+                stage: float(s.get(f"seconds_{stage}", 0.0))
+                for stage in ("correct", "compress", "write", "store")
+            },
             problems={k: int(s[k]) for k in problem_keys if s.get(k)},
         )
 
