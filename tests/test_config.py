@@ -48,6 +48,10 @@ def test_config_is_frozen():
         ("[pipeline]\nworkers = 0\n", "pipeline.workers", ">= 1"),
         ("[outptu]\nrun = 1\n", "outptu", "unknown section"),
         ("[output]\ncompression = { data = 'none' }\n", "output.compression", "adc, gain"),
+        ("[output]\nrun = 10000\n", "output.run", "from 0 to 9999"),
+        ("[output]\nproposal = 5000000000\n", "output.proposal", "from 0 to 4294967295"),
+        ("[source]\ndetector_id = 'SPB.JF'\n", "source.detector_id", "corrected source name"),
+        ("[output]\ndetector_id = '../x'\n", "output.detector_id", "corrected source name"),
     ],
 )
 def test_errors_name_file_key_and_reason(tmp_path, text, key, reason):

@@ -14,7 +14,16 @@ import pytest
 from extra_data.components import JUNGFRAU
 
 from calstream.errors import ConfigError, DataError, StoreError
-from calstream.store import ExdfFileWriter, SequenceWriter, Spool, get_codec, read_file_info
+from calstream.store import (
+    PROPOSAL_RANGE,
+    RUN_RANGE,
+    ExdfFileWriter,
+    SequenceWriter,
+    Spool,
+    check_source_name,
+    get_codec,
+    read_file_info,
+)
 
 VALIDATE = str(Path(sys.executable).with_name("extra-data-validate"))
 DETECTOR = "SPB_IRDA_JF4M"
@@ -281,6 +290,68 @@ def test_refuses_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "c.h5").write_bytes(b"")
     with pytest.raises(StoreError, match=r"c\.h5"):
         writer(tmp_path / "c.h5")
+    assert (tmp_path / "c.h5").read_bytes() == b""  # not ours: kept
+    for key, value in [("proposal", 5_000_000_000), ("proposal", -1), ("run", 10000),
+                       ("sequence", 100000), ("run", True), ("module", 100)]:  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            writer(tmp_path / "d.h5", **{key: value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+
+
+def test_number_ranges_fit_the_file(tmp_path: Path) -> None:
+    assert RUN_RANGE == (0, 9999)
+    assert PROPOSAL_RANGE == (0, 2**32 - 1)
+    w = writer(tmp_path / "f.h5", run=RUN_RANGE[1], proposal=PROPOSAL_RANGE[1], sequence=99999)
+    w.write_train(1, 0, None)
+    with h5py.File(w.close().path, "r") as f:
+        assert f["METADATA/proposalNumber"].dtype == np.uint32
+        assert f["METADATA/proposalNumber"][0] == PROPOSAL_RANGE[1]
+        assert f["METADATA/runNumber"][0] == RUN_RANGE[1]
+
+
+def test_check_source_name() -> None:
+    check_source_name("SPB_IRDA_JF4M/CORR/JNGFR01:output")
+    check_source_name("FXE_XAD_JF500K/CORR/JNGFR03:daqOutput")
+    for bad in ["", "SPB/CORR/JNGFR01", "/SPB/CORR/X:output", "SPB/../X:output",
+                "SPB/CORR/X Y:output", "SPB//X:output", None]:  # fmt: skip
+        with pytest.raises(ConfigError, match=r"output\.source"):
+            check_source_name(bad, key="output.source")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OverflowError("too big"), StoreError),
+        (RuntimeError("HDF5 broke"), StoreError),
+        (ConfigError("bad", key="x"), ConfigError),
+        (DataError("bad"), DataError),
+        (KeyboardInterrupt(), KeyboardInterrupt),
+    ],
+)
+def test_failed_creation_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException, expected: type
+) -> None:
+    def fail(self: ExdfFileWriter, f: h5py.File) -> None:
+        f.create_group("METADATA")
+        raise exc
+
+    monkeypatch.setattr(ExdfFileWriter, "_write_metadata", fail)
+    path = tmp_path / "CORR-R0007-JNGFR01-S00000.h5"
+    with pytest.raises(expected) as info:
+        writer(path)
+    if expected is StoreError:
+        assert str(path) in str(info.value)
+        assert info.value.__cause__ is exc
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_dataset_creation_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(type(BSHUF), "dataset_kwargs", lambda self: {"compression": 12345})
+    with pytest.raises(StoreError, match="cannot create"):
+        writer(tmp_path / "f.h5")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- SequenceWriter ---------------------------------------------------------------------
@@ -365,3 +436,42 @@ def test_sequence_writer_moves_a_broken_file_to_failed(tmp_path: Path) -> None:
     assert sw.write_train(3, 0, train.chunks(), train.small()) == []
     info = sw.close()
     assert (info.sequence, info.first_train, info.trains) == (1, 3, 1)
+
+
+def test_sequence_writer_never_completes_a_file_without_trains(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    train = Train.random(np.random.default_rng(7), 2, (16, 32))
+    sw = sequence_writer(spool)
+    assert sw.close() is None  # nothing opened
+    with pytest.raises(DataError):  # opens S00000, but the train is refused
+        sw.write_train(1, 0, {"adc": train.chunks()["adc"]}, train.small())
+    assert sw.current is not None
+    assert sw.close() is None
+    assert sw.files_closed == 0
+    for folder in (spool.building, spool.complete, spool.failed):
+        assert list(folder.iterdir()) == []
+    # the sequence number is used again; a file of count-0 trains is a real file
+    assert sw.write_train(2, 0, None) == []
+    info = sw.close()
+    assert info is not None
+    assert (info.sequence, info.trains, info.frames) == (0, 1, 0)
+    check_valid(info.path)
+
+
+def test_sequence_writer_abort_deletes_a_file_without_trains(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    train = Train.random(np.random.default_rng(8), 2, (16, 32))
+    sw = sequence_writer(spool, trains_per_file=3)
+    with pytest.raises(DataError):
+        sw.write_train(1, 0, train.chunks(), {})
+    sw.abort()
+    # a file whose first write failed in HDF5 is deleted too
+    bad = {**train.chunks(), "gain": [object(), object()]}
+    with pytest.raises(StoreError, match="writing to"):
+        sw.write_train(2, 0, bad, train.small())
+    for folder in (spool.building, spool.complete, spool.failed):
+        assert list(folder.iterdir()) == []
+    assert sw.write_train(3, 0, train.chunks(), train.small()) == []
+    sw.write_train(4, 0, None)
+    sw.abort()
+    assert [p.name for p in spool.failed.iterdir()] == ["CORR-R0007-JNGFR03-S00000.h5"]

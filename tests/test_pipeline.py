@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -246,3 +248,136 @@ def test_unreachable_destination_keeps_files_until_next_start(
     assert summary.files == 0 and summary.events == 0
     with Outbox(tmp_path / "spool" / "outbox.sqlite3") as outbox:
         assert len(outbox.entries()) == 2
+
+
+def test_slow_req_server_loses_no_train(make_config, constants_1cell, port, tmp_path):
+    """A REP bridge slower than the receiver's poll interval: every train still arrives."""
+    import threading
+
+    from extra_data import RunDirectory
+    from karabo_bridge import ServerInThread
+
+    simulation = JungfrauSimulation(modules=(1,), cells=1, seed=4)
+    train_ids = [30000, 30001, 30002, 30003]
+    server = ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=1)
+    server.start()
+
+    def feed() -> None:
+        for tid in train_ids:
+            time.sleep(0.4)  # 2.5 Hz: slower than the 0.2 s receive poll
+            server.feed(*simulation.train(tid))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        config = make_config(constants_1cell, source__pattern="req")
+        summary = Pipeline(config).run(max_trains=len(train_ids))
+    finally:
+        feeder.join(timeout=10)
+        server.stop()
+    assert summary.trains == len(train_ids) and summary.problems == {}
+    assert list(RunDirectory(tmp_path / "data" / "r0001").train_ids) == train_ids
+
+
+def test_bad_input_is_counted_and_good_data_keeps_flowing(make_config, constants_1cell, port,
+                                                          tmp_path):
+    """Malformed trains and modules are rejected with a count; nothing malformed is written."""
+    from extra_data import RunDirectory
+    from extra_data.components import JUNGFRAU
+
+    from calstream.ingest import Sender
+
+    simulation = JungfrauSimulation(modules=(1,), cells=1, seed=5)
+    source = simulation.sources[0]
+
+    def train(tid: int, **replace: object):
+        data, meta = simulation.train(tid)
+        data = {source: {**data[source], **replace}}
+        return data, meta
+
+    messages = [
+        train(1001),
+        train(0),                                                   # no valid train id
+        train(1002, **{"data.memoryCell": np.array([0.5])}),        # float memory cell
+        train(1003, **{"data.frameNumber": np.zeros(3, np.uint64)}),  # wrong length
+        train(1004, **{"data.adc": np.zeros((1, 512, 1024), np.float32)}),  # wrong dtype
+        train(1000),                                                # backwards
+        train(1005),
+    ]
+    def send_all(sender: Sender) -> None:
+        for data, meta in messages:
+            assert sender.send(data, meta, timeout=60)
+
+    # PUSH blocks until the pipeline connects, so the messages go out from a thread.
+    with Sender(f"tcp://127.0.0.1:{port}", "push") as sender:
+        thread = threading.Thread(target=send_all, args=(sender,), daemon=True)
+        thread.start()
+        config = make_config(constants_1cell)
+        summary = Pipeline(config).run(max_trains=5)
+        thread.join(timeout=30)
+
+    assert summary.trains == 5
+    assert summary.problems == {
+        "rejected_messages": 1, "rejected_trains_backwards": 1, "module_rejected": 3,
+    }
+    run_dir = tmp_path / "data" / "r0001"
+    validate(run_dir)
+    run = RunDirectory(run_dir)
+    assert list(run.train_ids) == [1001, 1002, 1003, 1004, 1005]
+    # Only the two good trains carry data; the others are recorded as gaps (count 0).
+    counts = run["SPB_IRDA_JF4M/CORR/JNGFR01:output", "data.adc"].data_counts(labelled=False)
+    assert list(counts) == [1, 0, 0, 0, 1]
+    adc = JUNGFRAU(run).get_array("data.adc")
+    assert adc.shape[1:] == (2, 1, 512, 1024)  # EXtra-data leaves out trains without data
+    assert list(adc.coords["train"].values) == [1001, 1005]
+
+
+def test_restarted_run_continues_after_its_trains(make_config, constants_1cell, tmp_path):
+    """Running the same run twice (e.g. the demo) keeps the run readable by EXtra-data."""
+    from extra_data import RunDirectory
+
+    config = make_config(
+        constants_1cell, simulate__enabled=True, simulate__trains=3, output__trains_per_file=2
+    )
+    first = Pipeline(config).run()
+    second = Pipeline(config).run()
+    assert first.trains == second.trains == 3
+    run = RunDirectory(tmp_path / "data" / "r0001")
+    assert list(run.train_ids) == list(range(10000, 10006))
+    names = sorted(p.name for p in (tmp_path / "data" / "r0001").glob("*.h5"))
+    assert names == [f"CORR-R0001-JNGFR01-S{seq:05d}.h5" for seq in range(4)]
+
+
+def test_simulation_shorter_than_max_trains_ends(make_config, constants_1cell):
+    config = make_config(constants_1cell, simulate__enabled=True, simulate__trains=3)
+    summary = Pipeline(config).run(max_trains=50)
+    assert summary.trains == 3
+
+
+def test_sigterm_drains_stores_and_exits_zero(tmp_path, constants_1cell):
+    from tests.conftest import free_port
+
+    proc = subprocess.Popen(
+        [
+            str(BIN / "calstream"), "run",
+            "--set", f"calibration.constants={constants_1cell}",
+            "--set", "calibration.cells=1",
+            "--set", "simulate.trains=100000", "--set", "simulate.rate=20",
+            "--set", "output.trains_per_file=1000",
+            "--set", f"source.endpoint=tcp://127.0.0.1:{free_port()}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    building = tmp_path / "spool" / "building"
+    while time.monotonic() < deadline and not list(building.glob("*.h5")):
+        time.sleep(0.2)  # wait until a file is open
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM" in err
+    stored = stored_files(tmp_path / "data")
+    assert len(stored) == 1  # the open file was closed and stored
+    assert not list(building.glob("*.h5"))
+    assert "files    1 stored" in out

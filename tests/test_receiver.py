@@ -49,13 +49,107 @@ def test_req_usable_after_timeout():
         t0 = time.perf_counter()
         assert receiver.receive(timeout=0.2) is None  # the server has nothing to send yet
         assert 0.15 < time.perf_counter() - t0 < 2
-        # The server answers the abandoned request first (to the closed socket, dropped),
-        # then the new socket's request.
+        # The request stays outstanding, so the first train fed answers it: nothing lost.
         for tid in (200, 201):
             server.feed(*small_train(tid))
-        data, meta = receiver.receive(timeout=5)
-        assert train_id_of(meta) in (200, 201)
-        assert data[SRC]["count"] == train_id_of(meta)
+        for tid in (200, 201):
+            data, meta = receiver.receive(timeout=5)
+            assert train_id_of(meta) == tid
+            assert data[SRC]["count"] == tid
+        assert receiver.req_resets == 0
+
+
+def test_req_slow_server_loses_nothing():
+    """A REP server slower than the receive() timeout: requests stay outstanding across calls."""
+    tids = list(range(300, 305))
+    with ServerInThread(ANY_PORT, sock="REP") as server, \
+            Receiver(server.endpoint, "req") as receiver:
+        def feed() -> None:
+            for tid in tids:
+                time.sleep(0.5)
+                server.feed(*small_train(tid))
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        got, nones = [], 0
+        t_end = time.monotonic() + 20
+        while len(got) < len(tids) and time.monotonic() < t_end:
+            received = receiver.receive(timeout=0.1)
+            if received is None:
+                nones += 1
+            else:
+                got.append(train_id_of(received[1]))
+        feeder.join(timeout=5)
+        assert got == tids
+        assert nones > 0  # the receive() timeouts did happen in between
+        assert receiver.req_resets == 0
+        assert receiver.messages_received == len(tids)
+
+
+def test_req_reply_timeout_recreates_socket(caplog):
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    try:
+        port = rep.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+        with Receiver(endpoint, "req", context=ctx, reply_timeout=0.3) as receiver:
+            assert receiver.reply_timeout == 0.3
+            # The first request reaches the REP socket, which never answers it.
+            t0 = time.monotonic()  # before the request was sent
+            t_end = t0 + 10
+            while not rep.poll(0) and time.monotonic() < t_end:
+                assert receiver.receive(timeout=0.05) is None
+            assert rep.recv() == b"next"
+            # Until reply_timeout has passed, the request stays outstanding (no new one).
+            with caplog.at_level("WARNING", logger="calstream.ingest.receiver"):
+                while receiver.req_resets == 0 and time.monotonic() < t_end:
+                    assert receiver.receive(timeout=0.05) is None
+            assert receiver.req_resets == 1
+            assert time.monotonic() - t0 > 0.3
+            assert any(endpoint in r.getMessage() and "lost" in r.getMessage()
+                       for r in caplog.records)
+            # The late reply goes to the closed socket and is dropped; the new socket's
+            # request gets the next train.
+            rep.send_multipart(encode(*small_train(1)), copy=False)
+            while not rep.poll(0) and time.monotonic() < t_end:
+                assert receiver.receive(timeout=0.05) is None
+            assert rep.recv() == b"next"
+            rep.send_multipart(encode(*small_train(2)), copy=False)
+            _, meta = receiver.receive(timeout=5)
+            assert train_id_of(meta) == 2
+            assert receiver.req_resets == 1
+            assert receiver.messages_received == 1
+    finally:
+        rep.close(linger=0)
+        ctx.term()
+
+
+def test_req_malformed_reply_completes_request():
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    try:
+        port = rep.bind_to_random_port("tcp://127.0.0.1")
+        with Receiver(f"tcp://127.0.0.1:{port}", "req", context=ctx) as receiver:
+            t_end = time.monotonic() + 10
+            while not rep.poll(0) and time.monotonic() < t_end:
+                assert receiver.receive(timeout=0.05) is None
+            assert rep.recv() == b"next"
+            rep.send(b"\xc1 not msgpack")
+            with pytest.raises(ProtocolError):
+                receiver.receive(timeout=5)
+            # The next receive() sends a fresh request on the same socket.
+            while not rep.poll(0) and time.monotonic() < t_end:
+                assert receiver.receive(timeout=0.05) is None
+            assert rep.recv() == b"next"
+            rep.send_multipart(encode(*small_train(3)), copy=False)
+            _, meta = receiver.receive(timeout=5)
+            assert train_id_of(meta) == 3
+            assert receiver.req_resets == 0
+    finally:
+        rep.close(linger=0)
+        ctx.term()
 
 
 def test_req_against_our_rep_sender(sim):
@@ -155,6 +249,10 @@ def test_unknown_pattern_and_bad_endpoint():
     with Receiver(ANY_PORT, "pull", bind=True) as taken, pytest.raises(ConfigError) as info:
         Receiver(taken.endpoint, "pull", bind=True)
     assert "bind" in str(info.value)
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError) as info:
+            Receiver("tcp://127.0.0.1:5555", "req", reply_timeout=bad)
+        assert info.value.key == "reply_timeout"
 
 
 def test_closed_receiver():

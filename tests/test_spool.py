@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from calstream.errors import ConfigError, StoreError
-from calstream.store import Spool, read_file_info
+from calstream.store import ExdfFileWriter, Spool, get_codec, read_file_info
 from calstream.store.spool import corr_filename, parse_corr_filename
 
 
@@ -45,6 +46,64 @@ def test_file_lifecycle(tmp_path: Path) -> None:
     assert (spool.stored / path.name).exists()
     spool.remove(done)  # again: already gone is fine
     assert spool.recover() == []
+    assert (spool.stored / path.name).read_bytes() == b""  # no train id given
+
+
+def test_remove_keeps_the_last_train_id_in_the_marker(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    path = spool.complete / "CORR-R0001-JNGFR01-S00000.h5"
+    path.write_bytes(b"data")
+    spool.remove(path, last_train=1234)
+    marker = spool.stored / path.name
+    assert json.loads(marker.read_text()) == {"last_train": 1234}
+    spool.remove(path)  # again, without the id: the marker keeps it
+    assert json.loads(marker.read_text()) == {"last_train": 1234}
+    assert sorted(p.name for p in spool.stored.iterdir()) == [path.name]
+
+
+def write_file(folder: Path, name: str, train_ids: list[int]) -> Path:
+    """A small real corrected file (train ids from the name's module get count 0)."""
+    codec = get_codec("none")
+    run, _, module, seq = parse_corr_filename(name)  # type: ignore[misc]
+    w = ExdfFileWriter(
+        folder / name, source=f"X_JF4M/CORR/JNGFR{module:02d}:output", cells=1,
+        frame_shape=(4, 4), codecs={"adc": codec, "gain": codec, "mask": codec}, run=run,
+        proposal=1, sequence=seq, provenance={}, max_trains=10, module=module,
+    )  # fmt: skip
+    for tid in train_ids:
+        w.write_train(tid, 0, None)
+    return w.close().path
+
+
+def test_last_train_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    assert spool.last_train_ids(1) == {}
+    # module 1: stored S0 (train 100), S1 in complete/ (up to 205), S2 in failed/ (up to 300)
+    done = write_file(spool.complete, "CORR-R0001-JNGFR01-S00000.h5", [98, 99, 100])
+    spool.remove(done, last_train=100)
+    write_file(spool.complete, "CORR-R0001-JNGFR01-S00001.h5", [201, 205])
+    failed = write_file(spool.failed, "CORR-R0001-JNGFR01-S00002.h5", [299, 300])
+    failed.rename(failed.with_name(failed.name + ".1"))
+    assert spool.last_train_ids(1) == {1: 300}
+    # module 2: a higher stored marker wins over the files; an old empty marker counts as 0
+    write_file(spool.complete, "CORR-R0001-JNGFR02-S00001.h5", [201, 205])
+    (spool.stored / "CORR-R0001-JNGFR02-S00000.h5").write_text('{"last_train": 999}\n')
+    (spool.stored / "CORR-R0001-JNGFR02-S00002.h5").touch()
+    # module 3: only an old marker and an unfinished file (no INDEX) -> unknown
+    (spool.stored / "CORR-R0001-JNGFR03-S00000.h5").touch()
+    (spool.failed / "CORR-R0001-JNGFR03-S00001.h5").write_bytes(b"not hdf5")
+    # module 4: a broken marker is ignored with a warning
+    (spool.stored / "CORR-R0001-JNGFR04-S00000.h5").write_text("garbage")
+    # other runs, detectors and names are not counted
+    write_file(spool.complete, "CORR-R0002-JNGFR01-S00000.h5", [5000])
+    (spool.stored / "CORR-R0001-AGIPD01-S00000.h5").write_text('{"last_train": 7777}')
+    (spool.stored / ".CORR-R0001-JNGFR01-S00009.h5.tmp").write_text('{"last_train": 8888}')
+    (spool.complete / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="calstream.store.spool"):
+        assert spool.last_train_ids(1, "JNGFR") == {1: 300, 2: 999, 3: 0, 4: 0}
+    assert "JNGFR04" in caplog.text
+    assert spool.last_train_ids(1) == {1: 7777, 2: 999, 3: 0, 4: 0}
+    assert spool.last_train_ids(2) == {1: 5000}
 
 
 def test_moves_only_its_own_files(tmp_path: Path) -> None:

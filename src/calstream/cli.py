@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     const_sub = const.add_subparsers(required=True, metavar="ACTION")
     synth = const_sub.add_parser("synth", help="write synthetic constants in the facility layout")
     synth.add_argument("--detector", default="jungfrau", choices=["jungfrau"])
-    synth.add_argument("--cells", type=int, default=16)
+    synth.add_argument("--cells", type=int, default=16, choices=[1, 16])
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("-o", "--output", required=True, help="HDF5 file to write")
     synth.set_defaults(func=_cmd_constants_synth)
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     events_sub = events.add_subparsers(required=True, metavar="ACTION")
     lst = events_sub.add_parser("list", help="print the events in a spool's outbox")
     lst.add_argument("spool", help="spool directory (or the outbox .sqlite file)")
-    lst.add_argument("--state", choices=["pending", "sent", "failed"])
+    lst.add_argument("--state", choices=["pending", "sent"])
     lst.add_argument("-v", "--verbose", action="store_true", help="print each event's JSON")
     lst.set_defaults(func=_cmd_events_list)
     return parser

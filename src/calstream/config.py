@@ -131,8 +131,13 @@ class OutputConfig:
     )
 
     def check(self) -> None:
-        _require(self.run >= 0, "run", f"must be >= 0. Got {self.run}.")
-        _require(self.proposal >= 0, "proposal", f"must be >= 0. Got {self.proposal}.")
+        from .store import PROPOSAL_RANGE, RUN_RANGE
+
+        for key, value, (lo, hi) in (
+            ("run", self.run, RUN_RANGE),
+            ("proposal", self.proposal, PROPOSAL_RANGE),
+        ):
+            _require(lo <= value <= hi, key, f"must be from {lo} to {hi}. Got {value}.")
         _require(
             self.trains_per_file >= 1,
             "trains_per_file",
@@ -193,6 +198,21 @@ class Config:
     def output_source(self, module: int) -> str:
         """Corrected source name of one module, as EXtra-data's JUNGFRAU component expects."""
         return f"{self.output_detector_id}/CORR/JNGFR{module:02d}:output"
+
+    def check(self) -> None:
+        """Checks across sections: the source names the files will hold."""
+        from .store import check_source_name
+
+        key = "output.detector_id" if self.output.detector_id else "source.detector_id"
+        for module in self.source.modules:
+            try:
+                check_source_name(self.output_source(module), key=key)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"gives the corrected source name {self.output_source(module)!r}, which "
+                    "must be slash-separated words of letters, digits, _ and -",
+                    key=key,
+                ) from exc
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -286,7 +306,9 @@ def _build(raw: Mapping[str, Any], where: str) -> Config:
         if not isinstance(table, dict):
             raise ConfigError("must be a table", key=name)
         sections[name] = _build_section(name, cls, table)
-    return Config(**sections, path=where)
+    config = Config(**sections, path=where)
+    config.check()
+    return config
 
 
 def _build_section(section: str, cls: type, table: Mapping[str, Any]) -> Any:

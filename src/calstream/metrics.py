@@ -53,13 +53,15 @@ class RunSummary:
 
     def format(self) -> str:
         """A few human-readable lines."""
-        ratio = self.bytes_uncompressed / self.bytes_out if self.bytes_out else float("nan")
+        ratio = (
+            f"{self.bytes_uncompressed / self.bytes_out:.2f}x" if self.bytes_out else "n/a"
+        )
         lines = [
             f"trains   {self.trains}  ({self.trains / max(self.seconds, 1e-9):.1f}/s)",
             f"frames   {self.frames}",
             f"in       {self.bytes_in / 1e9:.3f} GB raw",
             f"out      {self.bytes_out / 1e9:.3f} GB in files "
-            f"({self.bytes_uncompressed / 1e9:.3f} GB corrected, compressed {ratio:.2f}x)",
+            f"({self.bytes_uncompressed / 1e9:.3f} GB corrected, compressed {ratio})",
             f"files    {self.files} stored" + (
                 f", {self.unstored_files} left in the spool" if self.unstored_files else ""
             ),

@@ -26,7 +26,7 @@ import numpy as np
 
 from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfrau_constants
 from .config import Config
-from .errors import CalstreamError, DataError, ProtocolError
+from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, Outbox, build_storage_event
 from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
 from .metrics import RunSummary, Stats
@@ -87,8 +87,9 @@ class SlabPool:
         for _ in range(count):
             self._free.put(np.empty(nbytes, np.uint8))
 
-    def get(self) -> np.ndarray:
-        return self._free.get()
+    def get(self, timeout: float | None = None) -> np.ndarray:
+        """A free slab; waits for one (raises ``queue.Empty`` after ``timeout`` s)."""
+        return self._free.get(timeout=timeout)
 
     def put(self, slab: np.ndarray) -> None:
         self._free.put(slab)
@@ -107,6 +108,8 @@ class Pipeline:
         self.config = config
         self.stats = Stats()
         self._stop = threading.Event()
+        self._failed = threading.Event()
+        self._train_floor = 0
         self._threads: list[threading.Thread] = []
         self._max_trains: int | None = None
         self._errors: list[BaseException] = []
@@ -150,10 +153,26 @@ class Pipeline:
                     "(calibration.synthesize_missing = true; never use these for real data)",
                     path,
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                synth_jungfrau_constants(path, cells=cal.cells, seed=module)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    synth_jungfrau_constants(path, cells=cal.cells, seed=module)
+                except OSError as exc:
+                    raise ConstantsError(
+                        f"cannot write synthetic constants: {exc.strerror or exc}",
+                        source=str(path), key="calibration.constants",
+                    ) from None
             if path not in by_path:
-                by_path[path] = load_jungfrau_constants(path, cells=cal.cells)
+                try:
+                    by_path[path] = load_jungfrau_constants(path, cells=cal.cells)
+                except ConstantsError as exc:
+                    if "cells" not in exc.message:
+                        raise
+                    raise ConstantsError(
+                        f"{exc.message} (calibration.cells = {cal.cells}; point "
+                        "calibration.constants at constants for that many cells, or delete "
+                        "the file if it is a synthetic one from an earlier demo)",
+                        source=exc.source, key=exc.key,
+                    ) from None
             loaded[module] = by_path[path]
         return loaded
 
@@ -179,6 +198,9 @@ class Pipeline:
         file_q: queue.Queue[Any] = queue.Queue()
 
         recovered = self.spool.recover()
+        # Train ids this run already has in earlier sequence files: writing them again would
+        # make the run unreadable ("same train ID in different files").
+        floor = max(self.spool.last_train_ids(cfg.output.run).values(), default=0)
         for path in recovered:
             try:
                 info = read_file_info(path)
@@ -188,10 +210,12 @@ class Pipeline:
                 )
                 continue
             log.info("%s: storing %s left complete by an earlier run", self.name, info.relpath)
+            floor = max(floor, info.last_train)
             file_q.put(info)
+        self._train_floor = floor
 
         receiver = Receiver(cfg.source.endpoint, cfg.source.pattern, bind=cfg.source.bind)
-        sender_thread = self._start_simulation() if cfg.simulate.enabled else None
+        sender_thread = self._start_simulation(floor) if cfg.simulate.enabled else None
 
         started = time.monotonic()
         self._last_status = (started, 0)
@@ -200,16 +224,17 @@ class Pipeline:
         for i in range(cfg.pipeline.workers):
             self._spawn(f"worker-{i}", self._work_loop, work_q, result_q)
         try:
-            self._receive_loop(receiver, work_q)
+            self._receive_loop(receiver, work_q, sender_thread)
         finally:
             receiver.close()
             try:
                 for _ in range(cfg.pipeline.workers):
                     self._put(work_q, _STOP)
             except RuntimeError:
-                pass  # a thread failed: the others are stopping; its error is raised below
+                pass  # a thread failed: the others see self._failed and stop
             for thread in self._threads:
-                thread.join(timeout=None if not self._errors else 10)
+                while thread.is_alive():
+                    thread.join(0.5)
             if sender_thread is not None:
                 self._stop.set()
                 sender_thread.join(timeout=5)
@@ -220,14 +245,23 @@ class Pipeline:
         return self._summary(seconds)
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
-        """Put into a bounded queue, but give up if a downstream thread has failed."""
+        """Put into a bounded queue, but give up if a pipeline thread has failed."""
         while True:
             try:
                 q.put(item, timeout=0.5)
                 return
             except queue.Full:
-                if self._errors:
+                if self._failed.is_set():
                     raise RuntimeError("a pipeline thread failed; see the log") from None
+
+    def _get(self, q: queue.Queue[Any] | SlabPool) -> Any:
+        """Take from a queue; ``_STOP`` once a pipeline thread has failed."""
+        while True:
+            try:
+                return q.get(timeout=0.5)
+            except queue.Empty:
+                if self._failed.is_set():
+                    return _STOP
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         def guarded() -> None:
@@ -236,13 +270,14 @@ class Pipeline:
             except BaseException as exc:
                 log.exception("%s: %s thread failed", self.name, name)
                 self._errors.append(exc)
+                self._failed.set()
                 self._stop.set()
 
         thread = threading.Thread(target=guarded, name=f"calstream-{name}", daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def _start_simulation(self) -> threading.Thread:
+    def _start_simulation(self, floor: int) -> threading.Thread:
         cfg = self.config
         sim_cfg = cfg.simulate
         simulation = JungfrauSimulation(
@@ -259,13 +294,17 @@ class Pipeline:
         )
 
         def send() -> None:
+            if sender.pattern == "pub":
+                # PUB drops what it sends before the subscriber has joined (slow joiner).
+                self._stop.wait(0.5)
             with sender:
                 stats = run_sender(
                     sender,
                     simulation,
                     n_trains=sim_cfg.trains,
                     rate_hz=sim_cfg.rate or None,
-                    first_train_id=sim_cfg.first_train_id,
+                    # A restarted run continues after the trains it already has.
+                    first_train_id=max(sim_cfg.first_train_id, floor + 1),
                     stop=self._stop,
                 )
             log.info("simulation sent %d trains (%.2f GB)", stats.trains, stats.bytes / 1e9)
@@ -276,11 +315,16 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def _receive_loop(self, receiver: Receiver, work_q: queue.Queue[Any]) -> None:
+    def _receive_loop(
+        self,
+        receiver: Receiver,
+        work_q: queue.Queue[Any],
+        sender_thread: threading.Thread | None = None,
+    ) -> None:
         cfg = self.config
         idle = cfg.source.idle_timeout
         seq = 0
-        last_train: int | None = None
+        last_train: int | None = self._train_floor or None
         last_data = time.monotonic()
         next_status = time.monotonic() + cfg.pipeline.log_every
         log.info(
@@ -301,8 +345,12 @@ class Pipeline:
                 log.error("%s: rejected message: %s", self.name, exc)
                 continue
             if message is None:
-                if idle and seq and time.monotonic() - last_data > idle:
+                quiet = time.monotonic() - last_data
+                if idle and seq and quiet > idle:
                     log.info("%s: no data for %.1f s, stopping", self.name, idle)
+                    break
+                if sender_thread is not None and not sender_thread.is_alive() and quiet > 2.0:
+                    log.info("%s: the simulation has finished; stopping", self.name)
                     break
                 continue
             last_data = time.monotonic()
@@ -321,16 +369,17 @@ class Pipeline:
     ) -> TrainWork | None:
         cfg = self.config
         train_id = _train_id(metadata)
-        if train_id is None:
+        if not train_id:
             self.stats.add("rejected_messages")
-            log.error("%s: rejected message without timestamp.tid (sources %s)",
-                      self.name, sorted(data))
+            log.error("%s: rejected message without a valid timestamp.tid (%r; sources %s)",
+                      self.name, train_id, sorted(data))
             return None
         if last_train is not None and train_id <= last_train:
             self.stats.add("rejected_trains_backwards")
             log.error(
-                "%s: train %d rejected: train ids must increase (last accepted %d)",
+                "%s: train %d rejected: train ids must increase (last written %d%s)",
                 self.name, train_id, last_train,
+                f" in run {cfg.output.run}" if last_train == self._train_floor else "",
             )
             return None
         modules: dict[int, ModuleInput] = {}
@@ -376,17 +425,18 @@ class Pipeline:
                 f"{getattr(gain, 'shape', '')}",
                 source=source, train_id=train_id, key="data.gain",
             )
-        memory_cell = values.get("data.memoryCell")
+        memory_cell = _small_array(values, "data.memoryCell", cells, source, train_id)
         if memory_cell is None:
-            memory_cell = np.arange(cells, dtype=np.uint8)
-        memory_cell = np.asarray(memory_cell)
-        if memory_cell.shape != (cells,):
-            raise DataError(f"expected shape ({cells},), got {memory_cell.shape}",
+            memory_cell = np.arange(cells)
+        if memory_cell.min() < 0 or memory_cell.max() > 255:
+            raise DataError(f"memory cells out of range: {memory_cell.tolist()}",
                             source=source, train_id=train_id, key="data.memoryCell")
-        frame_number = values.get("data.frameNumber")
-        if frame_number is None or np.shape(frame_number) != (cells,):
-            frame_number = np.zeros(cells, dtype=np.uint64)
-        return ModuleInput(adc, gain, memory_cell, np.asarray(frame_number, dtype=np.uint64))
+        frame_number = _small_array(values, "data.frameNumber", cells, source, train_id)
+        if frame_number is None:
+            frame_number = np.zeros(cells)
+        return ModuleInput(
+            adc, gain, memory_cell.astype(np.uint8), frame_number.astype(np.uint64)
+        )
 
     def _slab_bytes(self) -> int:
         """Bytes needed for the encoded chunks of one train of all modules, at worst."""
@@ -404,50 +454,65 @@ class Pipeline:
         # for every train: chunks are encoded before the next train overwrites them.
         data, gain, mask = next(iter(self.correctors.values())).empty_outputs(cells)
         buffers = {"adc": data, "gain": gain, "mask": mask}
-        while True:
-            work = work_q.get()
-            if work is _STOP:
-                self._put(result_q, _STOP)
-                return
-            result = TrainResult(work.seq, work.train_id, work.timestamp_ns, self._slabs.get())
-            used = 0
-            for module, item in work.modules.items():
-                source = self.config.source.source_name(module)
-                t0 = time.perf_counter()
-                try:
-                    self.correctors[module].correct(
-                        item.adc, item.gain, item.memory_cell,
-                        buffers["adc"], buffers["gain"], buffers["mask"],
-                        source=source, train_id=work.train_id,
-                    )
-                    t1 = time.perf_counter()
-                    chunks: dict[str, list[np.ndarray]] = {}
-                    for key, buf in buffers.items():
-                        codec = self.codecs[key]
-                        encoded = chunks[key] = []
-                        for frame in buf:
-                            chunk = codec.encode_into(frame, result.slab[used:])
-                            encoded.append(chunk)
-                            used += chunk.nbytes
-                except DataError as exc:
-                    self.stats.add("module_rejected")
-                    log.error("%s: %s", self.name, exc)
-                    continue
-                except Exception:
-                    # A bug must not silently stall the writer: record a gap and go on.
-                    self.stats.add("module_failed")
-                    log.exception("%s: %s train %d failed", self.name, source, work.train_id)
-                    continue
-                t2 = time.perf_counter()
-                result.chunks[module] = chunks
-                result.small[module] = {
-                    "memoryCell": np.asarray(item.memory_cell, dtype=np.uint8),
-                    "frameNumber": item.frame_number,
-                }
-                result.frames += cells
-                self.stats.add("seconds_correct", t1 - t0)
-                self.stats.add("seconds_compress", t2 - t1)
-            self._put(result_q, result)
+        try:
+            while True:
+                # The slab first: the worker that holds the oldest train must never wait for
+                # one, or the writer (waiting for that train) would never free any.
+                slab = self._get(self._slabs)
+                if slab is _STOP:
+                    return
+                work = self._get(work_q)
+                if work is _STOP:
+                    self._slabs.put(slab)
+                    return
+                result_q.put(self._process(work, slab, buffers))
+        finally:
+            result_q.put(_STOP)  # always, or the writer would wait for this worker forever
+
+    def _process(
+        self, work: TrainWork, slab: np.ndarray, buffers: dict[str, np.ndarray]
+    ) -> TrainResult:
+        """Correct and compress one train's modules into ``slab``."""
+        cells = self.config.calibration.cells
+        result = TrainResult(work.seq, work.train_id, work.timestamp_ns, slab)
+        used = 0
+        for module, item in work.modules.items():
+            source = self.config.source.source_name(module)
+            t0 = time.perf_counter()
+            try:
+                self.correctors[module].correct(
+                    item.adc, item.gain, item.memory_cell,
+                    buffers["adc"], buffers["gain"], buffers["mask"],
+                    source=source, train_id=work.train_id,
+                )
+                t1 = time.perf_counter()
+                chunks: dict[str, list[np.ndarray]] = {}
+                for key, buf in buffers.items():
+                    codec = self.codecs[key]
+                    encoded = chunks[key] = []
+                    for frame in buf:
+                        chunk = codec.encode_into(frame, result.slab[used:])
+                        encoded.append(chunk)
+                        used += chunk.nbytes
+            except DataError as exc:
+                self.stats.add("module_rejected")
+                log.error("%s: %s", self.name, exc)
+                continue
+            except Exception:
+                # A bug must not silently stall the writer: record a gap and go on.
+                self.stats.add("module_failed")
+                log.exception("%s: %s train %d failed", self.name, source, work.train_id)
+                continue
+            t2 = time.perf_counter()
+            result.chunks[module] = chunks
+            result.small[module] = {
+                "memoryCell": item.memory_cell,
+                "frameNumber": item.frame_number,
+            }
+            result.frames += cells
+            self.stats.add("seconds_correct", t1 - t0)
+            self.stats.add("seconds_compress", t2 - t1)
+        return result
 
     def _write_loop(
         self, result_q: queue.Queue[Any], file_q: queue.Queue[Any], n_workers: int
@@ -477,7 +542,7 @@ class Pipeline:
         stopped = 0
         try:
             while stopped < n_workers:
-                item = result_q.get()
+                item = self._get(result_q)
                 if item is _STOP:
                     stopped += 1
                     continue
@@ -488,14 +553,7 @@ class Pipeline:
                     t0 = time.perf_counter()
                     try:
                         for module, writer in writers.items():
-                            closed = writer.write_train(
-                                result.train_id,
-                                result.timestamp_ns,
-                                result.chunks.get(module),
-                                result.small.get(module),
-                            )
-                            for info in closed:
-                                file_q.put(info)
+                            self._write_module(writer, module, result, file_q)
                     finally:
                         result.chunks.clear()  # no views of the slab may outlive it
                         self._slabs.put(result.slab)
@@ -503,13 +561,40 @@ class Pipeline:
                     self.stats.add("trains_written")
                     self.stats.add("frames_written", result.frames)
         finally:
-            for writer in writers.values():
-                info = writer.close()
-                if info is not None:
-                    file_q.put(info)
-            file_q.put(_STOP)
+            try:
+                for module, writer in writers.items():
+                    try:
+                        info = writer.close()
+                    except CalstreamError as exc:
+                        self.stats.add("files_unstored")
+                        log.error("%s: module %d: closing its file failed: %s",
+                                  self.name, module, exc)
+                        continue
+                    if info is not None:
+                        file_q.put(info)
+            finally:
+                file_q.put(_STOP)
+
+    def _write_module(
+        self, writer: SequenceWriter, module: int, result: TrainResult, file_q: queue.Queue[Any]
+    ) -> None:
+        try:
+            closed = writer.write_train(
+                result.train_id,
+                result.timestamp_ns,
+                result.chunks.get(module),
+                result.small.get(module),
+            )
+        except CalstreamError as exc:
+            self.stats.add("module_write_failed")
+            log.error("%s: module %d train %d not written: %s",
+                      self.name, module, result.train_id, exc)
+            return
+        for info in closed:
+            file_q.put(info)
 
     def _store_loop(self, file_q: queue.Queue[Any]) -> None:
+        # Not _get(): even after a failure, the files the writer closed are still stored.
         while True:
             info = file_q.get()
             if info is _STOP:
@@ -537,7 +622,7 @@ class Pipeline:
             event = build_storage_event(stored, info, self.event_settings)
             self.outbox.add(event)
             self.stats.add("events")
-        self.spool.remove(info.path)
+        self.spool.remove(info.path, last_train=info.last_train)
         log.info(
             "%s: stored %s (%d trains, %.1f MB, adler32 %s)",
             self.name, stored.url, info.trains, stored.size / 1e6, stored.adler32,
@@ -565,7 +650,7 @@ class Pipeline:
         s = self.stats.snapshot()
         problem_keys = (
             "rejected_messages", "rejected_trains_backwards", "module_missing",
-            "module_rejected", "module_failed", "files_unstored",
+            "module_rejected", "module_failed", "module_write_failed", "files_unstored",
         )
         return RunSummary(
             trains=int(s.get("trains_written", 0)),
@@ -583,6 +668,24 @@ class Pipeline:
             },
             problems={k: int(s[k]) for k in problem_keys if s.get(k)},
         )
+
+
+def _small_array(
+    values: dict[str, Any], key: str, cells: int, source: str, train_id: int
+) -> np.ndarray | None:
+    """A per-cell integer array of the stream, checked; None when the stream lacks it."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.shape != (
+        cells,
+    ):
+        found = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else repr(value)
+        raise DataError(
+            f"expected {cells} integers, got {found[:80]}",
+            source=source, train_id=train_id, key=key,
+        )
+    return value
 
 
 def _train_id(metadata: dict[str, Any]) -> int | None:

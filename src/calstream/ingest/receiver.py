@@ -7,6 +7,8 @@ One :class:`Receiver` per thread (ZeroMQ sockets are not thread-safe). Frames ar
 from __future__ import annotations
 
 import logging
+import math
+import time
 from types import TracebackType
 
 import zmq
@@ -24,6 +26,13 @@ PATTERNS: dict[str, int] = {"pull": zmq.PULL, "sub": zmq.SUB, "req": zmq.REQ}
 _REQUEST = b"next"
 
 
+def _remaining_ms(deadline: float | None) -> int | None:
+    """Milliseconds until ``deadline`` (a ``time.monotonic()`` value), rounded up; None: never."""
+    if deadline is None:
+        return None
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
 class Receiver:
     """A ZeroMQ socket that yields decoded trains.
 
@@ -34,7 +43,8 @@ class Receiver:
         binds a free port; :attr:`endpoint` then names it).
     pattern
         ``"pull"`` (from PUSH), ``"sub"`` (from PUB, all topics) or ``"req"`` (from REP: sends
-        ``b"next"`` before each train, as ``karabo_bridge.Client`` does).
+        ``b"next"`` before each train, as ``karabo_bridge.Client`` does; the request stays
+        outstanding across :meth:`receive` calls until its reply arrives).
     bind
         Bind instead of connecting (the default).
     hwm
@@ -43,32 +53,48 @@ class Receiver:
         ZeroMQ context; default the process-wide ``zmq.Context.instance()``.
     max_array_bytes
         Largest array accepted in a message.
+    reply_timeout
+        REQ only: seconds to wait for the reply to a request, counted from when it was sent
+        and across :meth:`receive` calls, before giving up on it and recreating the socket
+        (e.g. the server restarted and lost the request); None never gives up.
+
+    Attributes
+    ----------
+    req_resets
+        How many times a REQ socket was recreated after ``reply_timeout`` (each may have lost
+        a train).
 
     Raises
     ------
     ConfigError
-        An unknown pattern, or an endpoint ZeroMQ cannot bind or connect (``source`` is the
-        endpoint).
+        An unknown pattern, a bad ``hwm`` or ``reply_timeout``, or an endpoint ZeroMQ cannot
+        bind or connect (``source`` is the endpoint).
     """
 
     def __init__(self, endpoint: str, pattern: str = "pull", *, bind: bool = False,
                  hwm: int = 4, context: zmq.Context | None = None,
-                 max_array_bytes: int = 2**31) -> None:
+                 max_array_bytes: int = 2**31, reply_timeout: float | None = 30.0) -> None:
         if pattern not in PATTERNS:
             raise ConfigError(f"unknown receiver pattern {pattern!r}; known: "
                               f"{', '.join(PATTERNS)}", key="pattern")
         if hwm < 1:
             raise ConfigError(f"hwm must be at least 1. Got {hwm} instead.", key="hwm")
+        if reply_timeout is not None and not reply_timeout > 0:
+            raise ConfigError(f"reply_timeout must be positive seconds or None. Got "
+                              f"{reply_timeout!r} instead.", key="reply_timeout")
         self.pattern = pattern
         self.bind = bind
         self.hwm = hwm
         self.max_array_bytes = max_array_bytes
+        self.reply_timeout = reply_timeout
         self.bytes_received = 0
         self.messages_received = 0
+        self.req_resets = 0
         self._requested_endpoint = endpoint
         self._bound_endpoint: str | None = None
         self._context = context if context is not None else zmq.Context.instance()
         self._awaiting_reply = False
+        self._request_sent_at = 0.0  # time.monotonic() of the outstanding request
         self._socket: zmq.Socket | None = None
         self._socket = self._open()
 
@@ -110,48 +136,81 @@ class Receiver:
         Returns
         -------
         (data, metadata) or None
-            None when nothing arrived in time. A REQ socket is then recreated, so the next call
-            sends a fresh request instead of sticking in the REQ state machine.
+            None when nothing arrived in time. A REQ request then stays outstanding: the next
+            call keeps waiting for its reply instead of sending another, so a slow server's
+            reply is not lost. Only after ``reply_timeout`` without a reply is the REQ socket
+            recreated (a warning is logged, :attr:`req_resets` counted) and a new request sent.
 
         Raises
         ------
         ProtocolError
-            A malformed message; it has been consumed and the receiver stays usable.
+            A malformed message; it has been consumed (for REQ, its request is complete) and
+            the receiver stays usable.
         CalstreamError
             The socket failed (closed, context terminated), naming the endpoint.
         """
         sock = self._socket
         if sock is None:
             raise CalstreamError("receiver is closed", source=self._requested_endpoint)
-        timeout_ms = None if timeout is None else max(0, round(timeout * 1000))
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         try:
-            if self.pattern == "req" and not self._awaiting_reply:
-                if not sock.poll(timeout_ms, zmq.POLLOUT):
-                    self._reset_req()
+            if self.pattern == "req":
+                frames = self._receive_req(deadline)
+                if frames is None:
                     return None
-                sock.send(_REQUEST)
-                self._awaiting_reply = True
-            if not sock.poll(timeout_ms, zmq.POLLIN):
-                if self.pattern == "req":
-                    self._reset_req()
-                return None
-            frames = sock.recv_multipart(copy=False)
+            else:
+                if not sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                    return None
+                frames = sock.recv_multipart(copy=False)
         except zmq.ZMQError as exc:
             raise CalstreamError(f"ZeroMQ error on {self.pattern.upper()} socket: {exc}",
                                  source=self._requested_endpoint) from exc
-        self._awaiting_reply = False
         self.messages_received += 1
         self.bytes_received += sum(len(f) for f in frames)
         return decode(frames, max_array_bytes=self.max_array_bytes)
 
+    def _receive_req(self, deadline: float | None) -> list[zmq.Frame] | None:
+        """Send a request unless one is outstanding, then wait for its reply until ``deadline``.
+
+        Returns the reply's frames (the request is then complete), or None at ``deadline``
+        with the request still outstanding. Past ``reply_timeout`` the socket is recreated
+        and, time permitting, a new request sent.
+        """
+        while True:
+            sock = self._socket
+            assert sock is not None
+            if not self._awaiting_reply:
+                if not sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
+                    return None  # no server connected yet; nothing sent
+                sock.send(_REQUEST)
+                self._awaiting_reply = True
+                self._request_sent_at = time.monotonic()
+            reply_deadline = (None if self.reply_timeout is None
+                              else self._request_sent_at + self.reply_timeout)
+            wait_until = deadline
+            if reply_deadline is not None and (deadline is None or reply_deadline < deadline):
+                wait_until = reply_deadline
+            if sock.poll(_remaining_ms(wait_until), zmq.POLLIN):
+                frames = sock.recv_multipart(copy=False)
+                self._awaiting_reply = False
+                return frames
+            now = time.monotonic()
+            if reply_deadline is not None and now >= reply_deadline:
+                self._reset_req()
+            if deadline is not None and now >= deadline:
+                return None
+
     def _reset_req(self) -> None:
-        """Replace a REQ socket left waiting for a reply that did not come."""
+        """Replace a REQ socket whose request got no reply within ``reply_timeout``."""
         if self._socket is not None:
             self._socket.close(linger=0)
         self._socket = None
         self._awaiting_reply = False
+        self.req_resets += 1
+        log.warning("no reply from REP server %s within %s s of the request; recreating the "
+                    "REQ socket (a train may have been lost)", self._requested_endpoint,
+                    self.reply_timeout)
         self._socket = self._open()
-        log.debug("REQ socket to %s recreated after a timeout", self._requested_endpoint)
 
     def close(self) -> None:
         """Close the socket (safe to call twice). A context passed in is left open."""

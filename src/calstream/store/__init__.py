@@ -5,6 +5,8 @@ Public names::
     get_codec, CODECS                 chunk codecs in HDF5-filter byte formats
     ExdfFileWriter, SequenceWriter    corrected EuXFEL files (EXtra-data compatible)
     read_file_info                    FileInfo of a finished file (after a restart)
+    check_source_name                 ConfigError unless a source name fits the files
+    RUN_RANGE, PROPOSAL_RANGE, ...    valid numbers (inclusive); check_int checks one
     Spool                             building/ -> complete/ (-> failed/)
     open_destination, FileDestination where complete files go
     FileInfo, StoredFile              records passed on to the events stage
@@ -14,12 +16,22 @@ Public names::
 from calstream.store.checksum import Adler32, adler32_file
 from calstream.store.codecs import CODECS, Codec, get_codec
 from calstream.store.destinations import Destination, FileDestination, open_destination
-from calstream.store.exdf import ExdfFileWriter, SequenceWriter, read_file_info
+from calstream.store.exdf import (
+    PROPOSAL_RANGE,
+    ExdfFileWriter,
+    SequenceWriter,
+    check_source_name,
+    read_file_info,
+)
 from calstream.store.records import FileInfo, StoredFile
-from calstream.store.spool import Spool
+from calstream.store.spool import MODULE_RANGE, RUN_RANGE, SEQUENCE_RANGE, Spool, check_int
 
 __all__ = [
     "CODECS",
+    "MODULE_RANGE",
+    "PROPOSAL_RANGE",
+    "RUN_RANGE",
+    "SEQUENCE_RANGE",
     "Adler32",
     "Codec",
     "Destination",
@@ -30,6 +42,8 @@ __all__ = [
     "Spool",
     "StoredFile",
     "adler32_file",
+    "check_int",
+    "check_source_name",
     "get_codec",
     "open_destination",
     "read_file_info",

@@ -39,16 +39,25 @@ from typing import Any
 import h5py
 import numpy as np
 
-from calstream.errors import ConfigError, DataError, StoreError
+from calstream.errors import CalstreamError, ConfigError, DataError, StoreError
 from calstream.store.codecs import Codec
 from calstream.store.records import FileInfo
-from calstream.store.spool import Spool, corr_filename
+from calstream.store.spool import (
+    MODULE_RANGE,
+    RUN_RANGE,
+    SEQUENCE_RANGE,
+    Spool,
+    check_int,
+    corr_filename,
+)
 
 __all__ = [
     "JUNGFRAU_LAYOUT",
+    "PROPOSAL_RANGE",
     "ExdfFileWriter",
     "ExdfLayout",
     "SequenceWriter",
+    "check_source_name",
     "read_file_info",
 ]
 
@@ -58,6 +67,21 @@ FORMAT_VERSION = "1.0"
 #: An encoded chunk: bytes or any contiguous buffer (e.g. a view from ``Codec.encode_into``).
 Buffer = bytes | bytearray | memoryview | np.ndarray
 _SOURCE_RE = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*:[A-Za-z0-9_\-]+")
+#: Valid proposal numbers (inclusive): ``METADATA/proposalNumber`` is a uint32.
+PROPOSAL_RANGE = (0, 2**32 - 1)
+
+
+def check_source_name(name: str, *, key: str = "source") -> None:
+    """Raise ConfigError(key=key) unless ``name`` is a source name the files can hold.
+
+    Like ``'SPB_IRDA_JF4M/CORR/JNGFR01:output'``: slash-separated words of letters, digits,
+    ``_`` and ``-``, then ``:`` and the output channel. It becomes an HDF5 group path, so
+    nothing else (no ``..``, spaces, leading ``/``) is allowed.
+    """
+    if not (isinstance(name, str) and _SOURCE_RE.fullmatch(name)):
+        raise ConfigError(
+            f"source must look like 'DET/CORR/NAME:output'. Got {name!r} instead.", key=key
+        )
 
 
 @dataclass(frozen=True)
@@ -156,11 +180,11 @@ class ExdfFileWriter:
         layout: ExdfLayout = JUNGFRAU_LAYOUT,
     ) -> None:
         self.path = Path(path)
-        if not (isinstance(source, str) and _SOURCE_RE.fullmatch(source)):
-            raise ConfigError(
-                f"source must look like 'DET/CORR/NAME:output'. Got {source!r} instead.",
-                key="source",
-            )
+        check_source_name(source)
+        check_int("run", run, RUN_RANGE)
+        check_int("proposal", proposal, PROPOSAL_RANGE)
+        check_int("sequence", sequence, SEQUENCE_RANGE)
+        check_int("module", module, MODULE_RANGE)
         if not (isinstance(cells, int) and cells >= 1):
             raise ConfigError(f"cells must be a positive int. Got {cells!r} instead.", key="cells")
         if not (isinstance(max_trains, int) and max_trains >= 1):
@@ -194,11 +218,12 @@ class ExdfFileWriter:
         self._last_train = -1
         self._info: FileInfo | None = None
         self._file: h5py.File | None = None
+        self._dsids: list[Any] = []
+        existed = os.path.lexists(self.path)
         try:
             self._file = h5py.File(self.path, "x")
             self._write_metadata(self._file)
             grp = self._file.create_group(f"INSTRUMENT/{source}/{layout.group}")
-            self._dsids = []
             for name, dtype in layout.images:
                 shape = (cells, *self.frame_shape)
                 ds = grp.create_dataset(
@@ -210,8 +235,17 @@ class ExdfFileWriter:
                     **self.codecs[name].dataset_kwargs(),
                 )
                 self._dsids.append(ds.id)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except BaseException as exc:
+            # Leave no half-written file behind (but never delete a file that was there).
+            created = self._file is not None or (not existed and os.path.lexists(self.path))
             self._discard()
+            if created:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    log.warning("cannot delete the partial file %s", self.path, exc_info=True)
+            if isinstance(exc, CalstreamError) or not isinstance(exc, Exception):
+                raise
             raise StoreError(f"cannot create {self.path}: {exc}", source=source) from exc
 
     # --- per train --------------------------------------------------------------------
@@ -521,14 +555,19 @@ class SequenceWriter:
         full = writer.trains >= self.trains_per_file or (
             self.max_file_bytes is not None and writer.bytes_written >= self.max_file_bytes
         )
-        return [self._finish(writer)] if full else []
+        info = self._finish(writer) if full else None
+        return [info] if info is not None else []
 
     def close(self) -> FileInfo | None:
-        """Close the open file, if any, and return its :class:`FileInfo` (None otherwise)."""
+        """Close the open file and return its :class:`FileInfo`.
+
+        None if no file is open, or if the open one has no trains at all (e.g. every write
+        was refused): such a file is deleted, never completed.
+        """
         return self._finish(self._writer) if self._writer is not None else None
 
     def abort(self) -> None:
-        """Give up the open file: it moves to ``spool.failed``."""
+        """Give up the open file: it moves to ``spool.failed`` (deleted if it has no trains)."""
         if self._writer is not None:
             self._fail()
 
@@ -553,8 +592,11 @@ class SequenceWriter:
         self.sequence += 1
         return self._writer
 
-    def _finish(self, writer: ExdfFileWriter) -> FileInfo:
+    def _finish(self, writer: ExdfFileWriter) -> FileInfo | None:
         self._writer = None
+        if writer.trains == 0:
+            self._drop_empty(writer)
+            return None
         try:
             info = writer.close()
         except StoreError:
@@ -566,9 +608,20 @@ class SequenceWriter:
 
     def _fail(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer._discard()
-            self._move_failed(writer.path)
+        if writer is None:
+            return
+        if writer.trains == 0:
+            self._drop_empty(writer)
+            return
+        writer._discard()
+        self._move_failed(writer.path)
+
+    def _drop_empty(self, writer: ExdfFileWriter) -> None:
+        """Delete a file without trains; its sequence number is used for the next file."""
+        writer.abort()
+        log.debug("deleted %s: no trains were written to it", writer.path.name)
+        if self.sequence == writer.sequence + 1:
+            self.sequence = writer.sequence
 
     def _move_failed(self, path: Path) -> None:
         if path.exists():

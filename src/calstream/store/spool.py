@@ -5,9 +5,10 @@ Layout below the spool root::
     building/   files being written (a crash leaves them here)
     complete/   closed files waiting to be stored at the destination
     failed/     files from a crashed run or a failed write, kept for inspection
-    stored/     empty markers named after files already stored and removed, so that
-                sequence numbers continue after a restart instead of clashing at the
-                destination
+    stored/     markers named after files already stored and removed, so that sequence
+                numbers (and train ids, see :meth:`Spool.last_train_ids`) continue after a
+                restart instead of clashing at the destination. A marker holds
+                ``{"last_train": N}`` (JSON); markers of older versions are empty.
 
 All moves between these folders are renames within one filesystem, so a file is in exactly
 one of them at any time, even after ``kill -9``.
@@ -15,16 +16,35 @@ one of them at any time, even after ``kill -9``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 from calstream.errors import ConfigError, StoreError
 
-__all__ = ["Spool", "corr_filename", "parse_corr_filename"]
+__all__ = [
+    "MODULE_RANGE",
+    "RUN_RANGE",
+    "SEQUENCE_RANGE",
+    "Spool",
+    "check_int",
+    "corr_filename",
+    "parse_corr_filename",
+]
 
 log = logging.getLogger(__name__)
+
+#: Valid run numbers (inclusive): four digits in file names (``R{run:04d}``).
+RUN_RANGE = (0, 9999)
+#: Valid module numbers (inclusive): two digits in file names.
+MODULE_RANGE = (0, 99)
+#: Valid sequence numbers (inclusive): five digits in file names.
+SEQUENCE_RANGE = (0, 99999)
 
 _AGGREGATOR_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
 _CORR_RE = re.compile(
@@ -42,12 +62,9 @@ def corr_filename(run: int, aggregator: str, module: int, sequence: int) -> str:
         A number out of range or an aggregator that is not a short alphanumeric word: these
         end up in file names and must not produce paths.
     """
-    if not (isinstance(run, int) and 0 <= run <= 9999):
-        raise ConfigError(f"run must be 0 to 9999. Got {run!r} instead.", key="run")
-    if not (isinstance(module, int) and 0 <= module <= 99):
-        raise ConfigError(f"module must be 0 to 99. Got {module!r} instead.", key="module")
-    if not (isinstance(sequence, int) and 0 <= sequence <= 99999):
-        raise ConfigError(f"sequence must be 0 to 99999. Got {sequence!r} instead.", key="sequence")
+    check_int("run", run, RUN_RANGE)
+    check_int("module", module, MODULE_RANGE)
+    check_int("sequence", sequence, SEQUENCE_RANGE)
     if not (isinstance(aggregator, str) and _AGGREGATOR_RE.fullmatch(aggregator)):
         raise ConfigError(
             "aggregator must be a short alphanumeric word like 'JNGFR'. "
@@ -55,6 +72,18 @@ def corr_filename(run: int, aggregator: str, module: int, sequence: int) -> str:
             key="aggregator",
         )
     return f"CORR-R{run:04d}-{aggregator}{module:02d}-S{sequence:05d}.h5"
+
+
+def check_int(key: str, value: object, bounds: tuple[int, int]) -> None:
+    """Raise ConfigError(key=key) unless ``value`` is an int (not a bool) within ``bounds``.
+
+    ``bounds`` is inclusive, e.g. ``check_int("output.run", run, RUN_RANGE)``.
+    """
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(
+            f"{key} must be an int from {lo} to {hi}. Got {value!r} instead.", key=key
+        )
 
 
 def parse_corr_filename(name: str) -> tuple[int, str, int, int] | None:
@@ -129,21 +158,66 @@ class Spool:
         self._rename(src, dst)
         return dst
 
-    def remove(self, path: str | os.PathLike[str]) -> None:
+    def remove(self, path: str | os.PathLike[str], *, last_train: int | None = None) -> None:
         """Forget a complete file once it is stored: delete it and leave a ``stored/`` marker.
 
-        A file already gone (e.g. moved away by the destination) is fine.
+        ``last_train`` (the file's ``FileInfo.last_train``) is kept in the marker, for
+        :meth:`last_train_ids`. A file already gone (e.g. moved away by the destination) is
+        fine; removing it again without ``last_train`` keeps the marker's content.
         """
         src = self._own(path, self.complete)
         marker = self.stored / src.name
         try:
-            marker.touch()
+            if last_train is not None:
+                self._write_marker(marker, int(last_train))
+            elif not marker.exists():
+                marker.touch()
             src.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot remove {src} from the spool: {exc.strerror}") from exc
         if self.fsync:
             _fsync_dir(self.complete)
             _fsync_dir(self.stored)
+
+    def _write_marker(self, marker: Path, last_train: int) -> None:
+        # Write aside and rename, so a crash never leaves a marker with a truncated number.
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(json.dumps({"last_train": last_train}) + "\n")
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, marker)
+
+    def last_train_ids(self, run: int, aggregator: str | None = None) -> dict[int, int]:
+        """``{module: highest train id}`` of the files the spool knows for ``run``.
+
+        Looks at the ``stored/`` markers, ``complete/`` and ``failed/`` (files there that
+        cannot be read, e.g. left unfinished by a crash, are skipped; ``building/`` is not
+        looked at: :meth:`recover` empties it at start). A module whose files are all of
+        unknown content (markers from older versions, unreadable files) maps to 0; modules
+        without any file are absent. ``aggregator`` limits it to one detector's files.
+
+        A restarted run must continue above these ids: EXtra-data refuses a run whose train
+        ids repeat in different files.
+        """
+        highest: dict[int, int] = {}
+        for folder in (self.stored, self.complete, self.failed):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                raise StoreError(f"cannot list {folder}: {exc.strerror}") from exc
+            for entry in entries:
+                parsed = parse_corr_filename(re.sub(r"(\.h5)(\.\d+)$", r"\1", entry.name))
+                if parsed is None or parsed[0] != run:
+                    continue
+                if aggregator is not None and parsed[1] != aggregator:
+                    continue
+                path = Path(entry.path)
+                last = _marker_last_train(path) if folder == self.stored else _file_last_train(path)
+                module = parsed[2]
+                highest[module] = max(highest.get(module, 0), last)
+        return highest
 
     def recover(self) -> list[Path]:
         """Clean up after a crash; returns the complete files still waiting to be stored.
@@ -184,6 +258,33 @@ class Spool:
             _fsync_dir(dst.parent)
             if src.parent != dst.parent:
                 _fsync_dir(src.parent)
+
+
+def _marker_last_train(path: Path) -> int:
+    """The train id a ``stored/`` marker holds; 0 when empty (older versions) or unreadable."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if not text:
+            return 0
+        value = json.loads(text)["last_train"]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log.warning("ignoring stored/ marker %s: no train id in it", path)
+    return 0
+
+
+def _file_last_train(path: Path) -> int:
+    """The highest train id in a file's INDEX; 0 if it has none or cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            ids = f["INDEX/trainId"][:]
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        log.debug("no train ids from %s: %s", path, exc)
+        return 0
+    ids = np.asarray(ids).ravel()
+    return int(ids.max()) if ids.size else 0
 
 
 def _check_name(name: str) -> None:
