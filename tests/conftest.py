@@ -10,6 +10,8 @@ import pytest
 from calstream.calibrate import synth_jungfrau_constants
 from calstream.config import load_config
 
+pytest_plugins = ["tests.kafka_fixtures"]  # the tansu broker (or CALSTREAM_TEST_KAFKA)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -24,8 +24,10 @@ __all__ = [
     "CalibrationConfig",
     "Config",
     "EventsConfig",
+    "KafkaConfig",
     "OutputConfig",
     "PipelineConfig",
+    "ShipConfig",
     "SimulateConfig",
     "SourceConfig",
     "load_config",
@@ -151,6 +153,113 @@ class OutputConfig:
         )
 
 
+_KAFKA_COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """``[events.kafka]``: where storage events are published; no bootstrap servers: no Kafka.
+
+    Passwords never appear in the config: ``sasl_password_file`` names a file holding it,
+    ``sasl_password_env`` an environment variable; :meth:`password` reads it.
+    """
+
+    bootstrap_servers: tuple[str, ...] = ()
+    topic: str = "calstream.storage"
+    client_id: str = "calstream"
+    idempotence: Literal["auto", "on", "off"] = "auto"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "gzip"
+    linger_ms: int = 5
+    max_batch_bytes: int = 262144
+    batch_events: int = 500
+    request_timeout_ms: int = 30000
+    retry_interval: float = 2.0
+    warn_every: float = 60.0
+    flush_timeout: float = 10.0
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password_file: str = ""
+    sasl_password_env: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether events go to Kafka at all."""
+        return bool(self.bootstrap_servers)
+
+    def check(self) -> None:
+        for i, server in enumerate(self.bootstrap_servers):
+            host, sep, port = server.rpartition(":")
+            _require(
+                bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+                f"bootstrap_servers[{i}]",
+                f"must be HOST:PORT. Got {server!r} instead.",
+            )
+        _require(
+            0 < len(self.topic) <= 249 and set(self.topic) <= _TOPIC_CHARS
+            and self.topic not in (".", ".."),
+            "topic",
+            f"must be 1 to 249 of the characters a-z A-Z 0-9 . _ -. Got {self.topic!r}.",
+        )
+        for key in ("linger_ms", "request_timeout_ms"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0. Got {getattr(self, key)}.")
+        for key in ("max_batch_bytes", "batch_events"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1. Got {getattr(self, key)}.")
+        for key in ("retry_interval", "warn_every", "flush_timeout"):
+            _require(getattr(self, key) > 0, key, f"must be > 0 s. Got {getattr(self, key)}.")
+        if self.compression != "none":
+            from aiokafka import codec
+
+            _require(
+                getattr(codec, f"has_{self.compression}")(),
+                "compression",
+                f"{self.compression!r} needs a codec library aiokafka cannot import here "
+                "(e.g. pip install cramjam); 'gzip' always works",
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                name = getattr(self, key)
+                _require(not name or Path(name).is_file(), key, f"no such file: {name!r}")
+            _require(
+                not self.ssl_keyfile or bool(self.ssl_certfile), "ssl_keyfile",
+                "needs ssl_certfile as well",
+            )
+        if self.security_protocol.startswith("SASL"):
+            _require(bool(self.sasl_username), "sasl_username", "is required for SASL")
+            _require(
+                bool(self.sasl_password_file) != bool(self.sasl_password_env),
+                "sasl_password_file",
+                "SASL needs exactly one of sasl_password_file or sasl_password_env",
+            )
+            self.password()
+
+    def password(self) -> str | None:
+        """The SASL password from its file or environment variable (None without SASL)."""
+        if not self.security_protocol.startswith("SASL"):
+            return None
+        if self.sasl_password_env:
+            value = os.environ.get(self.sasl_password_env)
+            _require(
+                bool(value), "sasl_password_env",
+                f"environment variable {self.sasl_password_env} is not set or empty",
+            )
+            return str(value)
+        try:
+            value = Path(self.sasl_password_file).read_text(encoding="utf-8").strip("\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {self.sasl_password_file!r}: {exc.strerror}",
+                key="sasl_password_file",
+            ) from None
+        _require(bool(value), "sasl_password_file", f"{self.sasl_password_file!r} is empty")
+        return value
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """Storage events (the outbox lives in the spool directory)."""
@@ -159,6 +268,34 @@ class EventsConfig:
     cell_name: str = "calstream"
     cell_domain: str = ""
     storage_info: str = ""
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+
+
+@dataclass(frozen=True)
+class ShipConfig:
+    """``[ship]``: the shipping consumer (``calstream ship CONFIG``) reading ``[events.kafka]``.
+
+    Copies every announced file to ``destination``; ``group_id`` names the consumer group that
+    shares the topic's partitions among all ``calstream ship`` processes.
+    """
+
+    destination: str = ""
+    group_id: str = "calstream-ship"
+    from_beginning: bool = True
+    retries: int = 5
+    retry_interval: float = 2.0
+    idle_timeout: float = 0.0
+
+    def check(self) -> None:
+        _require(
+            not self.destination or "://" in self.destination,
+            "destination",
+            f"must be a URL like 'file:///remote/site'. Got {self.destination!r}.",
+        )
+        _require(bool(self.group_id), "group_id", "must not be empty")
+        _require(self.retries >= 0, "retries", f"must be >= 0. Got {self.retries}.")
+        _require(self.retry_interval > 0, "retry_interval", "must be > 0 s")
+        _require(self.idle_timeout >= 0, "idle_timeout", "must be >= 0 (0 waits forever)")
 
 
 @dataclass(frozen=True)
@@ -189,6 +326,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    ship: ShipConfig = field(default_factory=ShipConfig)
     path: str = EMBEDDED
 
     @property
@@ -227,6 +365,7 @@ _SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "events": EventsConfig,
     "simulate": SimulateConfig,
+    "ship": ShipConfig,
 }
 
 
@@ -332,6 +471,10 @@ def _build_section(section: str, cls: type, table: Mapping[str, Any]) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a TOML value against a field's type hint and convert lists to tuples."""
+    if dataclasses.is_dataclass(hint):  # a sub-table such as [events.kafka]
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a table. Got {value!r}.", key=key)
+        return _build_section(key, hint, value)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is Literal:

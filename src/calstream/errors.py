@@ -12,6 +12,7 @@ builtin it resembles, so ``except ValueError`` keeps working for callers that do
     ├── StoreError (OSError)              writing, storing or checksumming a file  [retriable]
     │   └── ChecksumMismatch              the destination's checksum differs from ours
     └── EventError (RuntimeError)         recording or publishing a storage event [retriable]
+        └── PublishError                  a Kafka client error, translated (its retriable)
 
 Each error carries ``source``, ``train_id`` and ``key`` where known and names them in its
 message; ``retriable`` tells the uploader and the outbox relay whether trying again may help.
@@ -27,6 +28,7 @@ __all__ = [
     "DataError",
     "EventError",
     "ProtocolError",
+    "PublishError",
     "StoreError",
     "UnsupportedProtocolError",
 ]
@@ -100,3 +102,10 @@ class EventError(CalstreamError, RuntimeError):
     """Recording or publishing a storage event failed."""
 
     retriable = True
+
+
+class PublishError(EventError):
+    """A Kafka client call failed. ``source`` is the broker list, ``key`` the topic.
+
+    ``retriable`` is the Kafka error's own (a refused connection is, a too-large message is not).
+    """

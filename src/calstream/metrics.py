@@ -46,6 +46,8 @@ class RunSummary:
     bytes_uncompressed: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     problems: dict[str, int] = field(default_factory=dict)
+    events_published: int | None = None  # None: no Kafka configured
+    events_pending: int = 0
 
     @property
     def rate_gbps(self) -> float:
@@ -65,7 +67,10 @@ class RunSummary:
             f"files    {self.files} stored" + (
                 f", {self.unstored_files} left in the spool" if self.unstored_files else ""
             ),
-            f"events   {self.events} recorded",
+            f"events   {self.events} recorded" + (
+                f", {self.events_published} published to Kafka, {self.events_pending} pending"
+                if self.events_published is not None else ""
+            ),
             f"rate     {self.rate_gbps:.3f} GB/s raw over {self.seconds:.1f} s",
         ]
         if self.trains and self.stage_seconds:

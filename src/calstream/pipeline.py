@@ -27,7 +27,7 @@ import numpy as np
 from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfrau_constants
 from .config import Config
 from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
-from .events import EventSettings, Outbox, build_storage_event
+from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
 from .metrics import RunSummary, Stats
 from .store import FileInfo, SequenceWriter, Spool, get_codec, open_destination, read_file_info
@@ -134,6 +134,10 @@ class Pipeline:
         if config.events.storage_info:
             settings["storage_info"] = config.events.storage_info
         self.event_settings = EventSettings(**settings)
+        kafka = config.events.kafka
+        self.publisher = (
+            KafkaPublisher(kafka, self.outbox.path, name=self.name) if kafka.enabled else None
+        )
         self.correctors = {
             module: JungfrauCorrector(consts, backend=config.calibration.backend)
             for module, consts in self.constants.items()
@@ -219,6 +223,8 @@ class Pipeline:
 
         started = time.monotonic()
         self._last_status = (started, 0)
+        if self.publisher is not None:
+            self.publisher.start()  # returns at once; events wait in the outbox for the broker
         self._spawn("storer", self._store_loop, file_q)
         self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
         for i in range(cfg.pipeline.workers):
@@ -238,6 +244,8 @@ class Pipeline:
             if sender_thread is not None:
                 self._stop.set()
                 sender_thread.join(timeout=5)
+            if self.publisher is not None:
+                self._stop_publisher(self.publisher)
             self.outbox.close()
         seconds = time.monotonic() - started
         if self._errors:
@@ -622,11 +630,25 @@ class Pipeline:
             event = build_storage_event(stored, info, self.event_settings)
             self.outbox.add(event)
             self.stats.add("events")
+            if self.publisher is not None:
+                self.publisher.wake()
         self.spool.remove(info.path, last_train=info.last_train)
         log.info(
             "%s: stored %s (%d trains, %.1f MB, adler32 %s)",
             self.name, stored.url, info.trains, stored.size / 1e6, stored.adler32,
         )
+
+    def _stop_publisher(self, publisher: KafkaPublisher) -> None:
+        """Give the relay ``flush_timeout`` s to publish what is pending, then stop it."""
+        pending = publisher.flush(self.config.events.kafka.flush_timeout)
+        publisher.stop()
+        self.stats.add("events_published", publisher.stats().published)
+        self.stats.add("events_pending", pending)
+        if pending:
+            log.warning(
+                "%s: %d storage event(s) not yet on Kafka; they stay in %s and are published "
+                "at the next start", self.name, pending, self.outbox.path,
+            )
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -659,6 +681,10 @@ class Pipeline:
             bytes_out=int(s.get("bytes_out", 0)),
             files=int(s.get("files_stored", 0)),
             events=int(s.get("events", 0)),
+            events_published=(
+                int(s.get("events_published", 0)) if self.publisher is not None else None
+            ),
+            events_pending=int(s.get("events_pending", 0)),
             seconds=seconds,
             unstored_files=int(s.get("files_unstored", 0)),
             bytes_uncompressed=int(s.get("bytes_uncompressed", 0)),
