@@ -180,7 +180,7 @@ class KafkaPublisher:
         """Start the relay thread; returns at once, whether the broker is there or not."""
         if self._thread is not None or self._stopped:
             return
-        for name in ("aiokafka.client", "aiokafka.producer.sender", "aiokafka.conn"):
+        for name in ("aiokafka", "aiokafka.client", "aiokafka.producer.sender", "aiokafka.conn"):
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
         self._thread = threading.Thread(
