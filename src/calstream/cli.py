@@ -101,7 +101,43 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", choices=["pending", "sent"])
     lst.add_argument("-v", "--verbose", action="store_true", help="print each event's JSON")
     lst.set_defaults(func=_cmd_events_list)
+    _add_event_commands(events_sub, sub)
     return parser
+
+
+def _add_event_commands(events_sub: Any, sub: Any) -> None:
+    """``events tail | replay | publish`` and ``ship`` (the Kafka side of storage events)."""
+    tail = events_sub.add_parser("tail", help="pretty-print storage events live from Kafka")
+    tail.add_argument("--kafka", metavar="HOST:PORT", help="bootstrap server(s), comma-separated")
+    tail.add_argument("--topic", help="topic (default: the config's, or calstream.storage)")
+    tail.add_argument("--config", help="take brokers, topic and security from [events.kafka]")
+    tail.add_argument("--from-beginning", action="store_true", help="not only new events")
+    tail.add_argument("-n", "--count", type=int, help="exit after N events")
+    tail.add_argument("--idle", type=float, default=0.0, help="exit after S quiet seconds")
+    tail.add_argument("-v", "--verbose", action="store_true", help="print each event's JSON")
+    tail.set_defaults(func=_cmd_events_tail)
+
+    replay = events_sub.add_parser(
+        "replay", help="mark events recorded since a time pending again (same ids)"
+    )
+    replay.add_argument("spool", help="spool directory (or the outbox .sqlite file)")
+    replay.add_argument("--since", required=True, metavar="ISO-TIME",
+                        help="e.g. 2026-12-01T08:00 (local time unless it has an offset)")
+    replay.set_defaults(func=_cmd_events_replay)
+
+    publish = events_sub.add_parser(
+        "publish", help="publish a config's pending events to its [events.kafka] and exit"
+    )
+    publish.add_argument("config", help="pipeline config (TOML) with [events.kafka]")
+    publish.add_argument("--timeout", type=float, default=60.0, help="give up after S seconds")
+    publish.set_defaults(func=_cmd_events_publish)
+
+    ship = sub.add_parser(
+        "ship", help="copy every announced file to [ship] destination (a Kafka consumer group)"
+    )
+    ship.add_argument("config", help="TOML with [events.kafka] and [ship]")
+    ship.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ship.set_defaults(func=_cmd_ship)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -224,20 +260,115 @@ def _cmd_constants_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_events_list(args: argparse.Namespace) -> int:
-    from .events import OUTBOX_FILENAME, Outbox, format_entries
+def _outbox_path(spool: str) -> Path:
+    from .events import OUTBOX_FILENAME
 
-    path = Path(args.spool)
+    path = Path(spool)
     if path.is_dir():
         path = path / OUTBOX_FILENAME
     if not path.exists():
         raise CalstreamError(f"no outbox at {path}")
-    outbox = Outbox(path, readonly=True)
+    return path
+
+
+def _cmd_events_list(args: argparse.Namespace) -> int:
+    from .events import Outbox, format_entries
+
+    outbox = Outbox(_outbox_path(args.spool), readonly=True)
     try:
         entries = outbox.entries(state=args.state)
         print(format_entries(entries, verbose=args.verbose))
+        counts = outbox.counts()
+        print(f"{sum(counts.values())} events: " + ", ".join(
+            f"{n} {state}" for state, n in counts.items()))
     finally:
         outbox.close()
+    return 0
+
+
+def _cmd_events_tail(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import KafkaConfig, load_config
+    from .errors import ConfigError
+    from .events.tail import tail_events
+
+    kafka = load_config(args.config).events.kafka if args.config else KafkaConfig()
+    changes: dict[str, Any] = {}
+    if args.kafka:
+        changes["bootstrap_servers"] = tuple(s.strip() for s in args.kafka.split(","))
+    if args.topic:
+        changes["topic"] = args.topic
+    kafka = dataclasses.replace(kafka, **changes)
+    try:
+        kafka.check()
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source="events tail", key=exc.key) from None
+    if not kafka.enabled:
+        raise ConfigError("give --kafka HOST:PORT or a --config with [events.kafka]",
+                          source="events tail")
+    stop = threading.Event()
+    _install_signal_handlers(stop.set)
+    tail_events(
+        kafka, lambda line: print(line, flush=True), from_beginning=args.from_beginning,
+        count=args.count, idle_timeout=args.idle, verbose=args.verbose, stop=stop,
+    )
+    return 0
+
+
+def _cmd_events_replay(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .errors import ConfigError
+    from .events import Outbox
+
+    try:
+        since = datetime.fromisoformat(args.since)
+    except ValueError:
+        raise ConfigError(
+            f"must be an ISO time like 2026-12-01T08:00. Got {args.since!r}.", key="--since"
+        ) from None
+    with Outbox(_outbox_path(args.spool)) as outbox:
+        n = outbox.mark_pending(since)
+        pending = outbox.counts()["pending"]
+    print(
+        f"{n} event(s) since {since.isoformat()} marked pending again ({pending} pending in all);"
+        " the relay of a running pipeline, the next `calstream run` or `calstream events "
+        "publish CONFIG` sends them with their original event ids"
+    )
+    return 0
+
+
+def _cmd_events_publish(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ConfigError
+    from .events import OUTBOX_FILENAME, KafkaPublisher
+
+    config = load_config(args.config)
+    if not config.events.kafka.enabled:
+        raise ConfigError("has no [events.kafka] bootstrap_servers", source=config.path,
+                          key="events.kafka.bootstrap_servers")
+    outbox = Path(config.events.outbox or Path(config.output.spool) / OUTBOX_FILENAME)
+    publisher = KafkaPublisher(config.events.kafka, _outbox_path(str(outbox)))
+    publisher.start()
+    try:
+        pending = publisher.flush(args.timeout)
+        published = publisher.stats().published
+    finally:
+        publisher.stop()
+    print(f"{published} event(s) published, {pending} pending")
+    return 0 if pending == 0 else EXIT_UNSTORED
+
+
+def _cmd_ship(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ship import Shipper
+
+    config = load_config(args.config, args.set)
+    shipper = Shipper(config.events.kafka, config.ship)
+    _install_signal_handlers(shipper.stop)
+    summary = shipper.run()
+    print(summary.format())
     return 0
 
 

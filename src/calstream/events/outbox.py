@@ -217,6 +217,23 @@ class Outbox:
             )
             return cur.rowcount == 1
 
+    def mark_pending(self, since: datetime) -> int:
+        """Make events recorded at or after ``since`` pending again (``events replay``).
+
+        They keep their event ids, so consumers that saw them already de-duplicate them; the
+        relay sends them again in their original order. Returns how many changed state.
+        """
+        if since.tzinfo is None:
+            since = since.astimezone()  # local time
+        stamp = since.astimezone(UTC).isoformat(timespec="milliseconds")
+        with self._write("mark_pending") as conn:
+            cur = conn.execute(
+                "UPDATE events SET state = 'pending', sent_at = NULL"
+                " WHERE created >= ? AND state = 'sent'",
+                (stamp,),
+            )
+            return cur.rowcount
+
     # -- reading ---------------------------------------------------------------------------
 
     def pending(self, limit: int = 100) -> list[OutboxEntry]:
