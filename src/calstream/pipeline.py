@@ -657,8 +657,10 @@ class Pipeline:
         now = time.monotonic()
         last_time, last_bytes = self._last_status
         self._last_status = (now, s.get("bytes_in", 0))
+        backlog = f", {self.publisher.pending()} events wait for Kafka" if (
+            self.publisher is not None and self.publisher.pending()) else ""
         log.info(
-            "%s: %d trains in (%.2f GB/s), %d written, %d files stored, queue %d/%d",
+            "%s: %d trains in (%.2f GB/s), %d written, %d files stored, queue %d/%d%s",
             self.name,
             s.get("trains_in", 0),
             (s.get("bytes_in", 0) - last_bytes) / max(now - last_time, 1e-9) / 1e9,
@@ -666,6 +668,7 @@ class Pipeline:
             s.get("files_stored", 0),
             work_q.qsize(),
             self.config.pipeline.queue_size,
+            backlog,
         )
 
     def _summary(self, seconds: float) -> RunSummary:
