@@ -118,6 +118,41 @@ def test_broker_down_at_start_then_started(tansu_factory, topic, tmp_path, caplo
     assert len(refusals) <= 1  # tansu refuses: one warning, not one per reconnect
 
 
+@pytest.mark.slow
+def test_broker_lost_while_publishing_then_back(tansu_factory, topic, tmp_path, caplog):
+    """The broker goes away after the relay connected: nothing is marked sent without an ack."""
+    broker = tansu_factory(None).start()
+    config = KafkaConfig(
+        bootstrap_servers=(broker.bootstrap,), topic=topic, retry_interval=0.2,
+        request_timeout_ms=1500, warn_every=0.5,
+    )
+    path = tmp_path / "outbox.sqlite3"
+    events = [make_event(n) for n in range(6)]
+    outbox = Outbox(path)
+    caplog.set_level(logging.WARNING, logger="calstream")
+    publisher = KafkaPublisher(config, path, name="test")
+    publisher.start()
+    try:
+        outbox.add(events[0])
+        publisher.wake()
+        assert publisher.flush(20.0) == 0
+        broker.stop()
+        for event in events[1:]:
+            outbox.add(event)
+            publisher.wake()
+        assert publisher.flush(3.0) == 5  # no ack, nothing marked sent
+        assert outbox.counts() == {"pending": 5, "sent": 1}
+        broker.start()  # a fresh broker (memory storage) on the same port
+        assert publisher.flush(30.0) == 0
+    finally:
+        publisher.stop()
+        outbox.close()
+    messages = consume(broker.bootstrap, topic, 5)
+    assert sorted(m.headers[1][1].decode() for m in messages) == sorted(e.id for e in events[1:])
+    assert any("5 storage event(s) wait" in r.getMessage() for r in caplog.records)
+    assert any("Kafka is back" in r.getMessage() for r in caplog.records)
+
+
 def test_pipeline_keeps_storing_when_the_broker_is_down(make_config, constants_1cell, topic):
     config = make_config(
         constants_1cell, simulate__enabled=True, simulate__trains=4, output__trains_per_file=2,

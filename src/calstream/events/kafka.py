@@ -53,9 +53,17 @@ class _QuietReconnects(logging.Filter):
     """Drop aiokafka's error line per failed connection attempt: the relay reports the outage
     itself, with the backlog, every ``warn_every`` seconds instead of every retry."""
 
+    _DROP = ("Unable connect to", "Unexpected error during InitProd", "Unable to update metadata")
+    _RETRIED = ("NodeNotReadyError", "KafkaConnectionError", "RequestTimedOutError")
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not message.startswith(("Unable connect to", "Unexpected error during InitProd"))
+        if message.startswith(self._DROP):
+            return False
+        if message.startswith("Got error produce response"):
+            text = record.getMessage()
+            return not any(name in text for name in self._RETRIED)
+        return True
 
 
 _QUIET = _QuietReconnects()
