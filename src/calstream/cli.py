@@ -307,6 +307,8 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
     if not kafka.enabled:
         raise ConfigError("give --kafka HOST:PORT or a --config with [events.kafka]",
                           source="events tail")
+    if log.getEffectiveLevel() > logging.DEBUG:  # the events are the output, not group chatter
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
     stop = threading.Event()
     _install_signal_handlers(stop.set)
     tail_events(

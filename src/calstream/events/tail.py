@@ -6,7 +6,6 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -14,6 +13,7 @@ from aiokafka.errors import KafkaError
 
 from calstream.config import KafkaConfig
 from calstream.events.kafka import client_kwargs, translate_kafka_error
+from calstream.events.outbox import _local_time
 
 __all__ = ["format_message", "tail_events"]
 
@@ -27,7 +27,7 @@ def format_message(
     try:
         record = json.loads(value)
         ours = record.get("calstream", {})
-        when = _local(record.get("date", ""))
+        when = _local_time(record.get("date", ""))
         size = f"{record.get('fileSize', 0) / 1e6:.1f} MB"
         trains = f"trains {ours.get('first_train')}-{ours.get('last_train')}"
         line = (
@@ -108,10 +108,3 @@ def tail_events(
         return seen
 
     return asyncio.run(run())
-
-
-def _local(stamp: str) -> str:
-    try:
-        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    except (TypeError, ValueError):
-        return str(stamp)
