@@ -153,6 +153,55 @@ def test_broker_lost_while_publishing_then_back(tansu_factory, topic, tmp_path, 
     assert any("Kafka is back" in r.getMessage() for r in caplog.records)
 
 
+def test_idempotence_on_is_refused_clearly_and_events_wait(kafka_bootstrap, topic, tmp_path):
+    if "CALSTREAM_TEST_KAFKA" in os.environ:
+        pytest.skip("an external Kafka may well support idempotence")
+    config = KafkaConfig(bootstrap_servers=(kafka_bootstrap,), topic=topic, idempotence="on",
+                         retry_interval=0.2)
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as outbox:
+        outbox.add(make_event(1))
+    publisher = KafkaPublisher(config, path)
+    publisher.start()
+    try:
+        assert publisher.flush(1.5) == 1
+        stats = publisher.stats()
+    finally:
+        publisher.stop()
+    assert stats.published == 0 and stats.failed_attempts >= 1
+    assert 'idempotence = "on"' in (stats.last_error or "")
+    with Outbox(path, readonly=True) as outbox:
+        (entry,) = outbox.entries()
+    assert entry.state == "pending" and entry.attempts >= 1
+    assert 'idempotence = "on"' in (entry.last_error or "")
+
+
+def test_sasl_password_is_never_logged(tmp_path, monkeypatch, caplog, topic):
+    monkeypatch.setenv("CALSTREAM_TEST_PW", "hunter2-secret")
+    config = load_config(None, [
+        f'events.kafka.bootstrap_servers=["127.0.0.1:{free_port()}"]',
+        f'events.kafka.topic="{topic}"', "events.kafka.retry_interval=0.1",
+        'events.kafka.security_protocol="SASL_PLAINTEXT"', 'events.kafka.sasl_username="u"',
+        'events.kafka.sasl_password_env="CALSTREAM_TEST_PW"',
+        'events.kafka.sasl_mechanism="SCRAM-SHA-256"',
+    ]).events.kafka
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as outbox:
+        outbox.add(make_event(1))
+    caplog.set_level(logging.DEBUG)
+    publisher = KafkaPublisher(config, path)
+    publisher.start()
+    try:
+        assert publisher.flush(0.5) == 1
+    finally:
+        publisher.stop()
+    assert caplog.records
+    assert not any("hunter2" in r.getMessage() for r in caplog.records)
+    assert "hunter2" not in repr(config) and "hunter2" not in repr(publisher)
+    with Outbox(path, readonly=True) as outbox:
+        assert "hunter2" not in (outbox.entries()[0].last_error or "")
+
+
 def test_pipeline_keeps_storing_when_the_broker_is_down(make_config, constants_1cell, topic):
     config = make_config(
         constants_1cell, simulate__enabled=True, simulate__trains=4, output__trains_per_file=2,

@@ -327,7 +327,12 @@ class KafkaPublisher:
                 self._idempotent = False
                 self._producer = plain
                 return
-            raise translate_kafka_error(exc, self.config, "connecting") from exc
+            what = "connecting"
+            if self.config.idempotence == "on" and not isinstance(
+                exc, KafkaConnectionError | KafkaTimeoutError | OSError
+            ):
+                what = 'connecting with idempotence = "on" (use "auto" for brokers without it)'
+            raise translate_kafka_error(exc, self.config, what) from exc
         except _Stopped:
             await self._stop_producer(producer)
             raise

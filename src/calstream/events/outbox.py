@@ -5,7 +5,7 @@ the commit is on disk: WAL journal, ``synchronous=FULL``), so a ``kill -9`` at a
 nothing that was acknowledged. With no Kafka configured the events stay ``pending`` and the
 outbox *is* the event log (``calstream events list SPOOL``).
 
-A relay publishes at least once and in order::
+A relay (:class:`calstream.events.kafka.KafkaPublisher`) publishes at least once and in order::
 
     while batch := outbox.pending(limit=100):     # oldest first, by seq
         try:
