@@ -10,6 +10,8 @@ import pytest
 from calstream.calibrate import synth_jungfrau_constants
 from calstream.config import load_config
 
+from .webdav_fixtures import token_file, webdav, webdav_down  # noqa: F401  (fixtures)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -9,6 +9,7 @@ Public names::
     RUN_RANGE, PROPOSAL_RANGE, ...    valid numbers (inclusive); check_int checks one
     Spool                             building/ -> complete/ (-> failed/)
     open_destination, FileDestination where complete files go
+    WebdavDestination, WebdavSettings a dCache WebDAV door (davs://, https://)
     FileInfo, StoredFile              records passed on to the events stage
     Adler32, adler32_file             dCache's checksum
 """
@@ -25,6 +26,7 @@ from calstream.store.exdf import (
 )
 from calstream.store.records import FileInfo, StoredFile
 from calstream.store.spool import MODULE_RANGE, RUN_RANGE, SEQUENCE_RANGE, Spool, check_int
+from calstream.store.webdav import WebdavDestination, WebdavSettings
 
 __all__ = [
     "CODECS",
@@ -41,6 +43,8 @@ __all__ = [
     "SequenceWriter",
     "Spool",
     "StoredFile",
+    "WebdavDestination",
+    "WebdavSettings",
     "adler32_file",
     "check_int",
     "check_source_name",
