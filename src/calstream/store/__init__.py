@@ -2,7 +2,7 @@
 
 Public names::
 
-    get_codec, CODECS                 chunk codecs in HDF5-filter byte formats
+    get_codec, parse_codec, CODECS    chunk codecs in HDF5-filter byte formats
     ExdfFileWriter, SequenceWriter    corrected EuXFEL files (EXtra-data compatible)
     read_file_info                    FileInfo of a finished file (after a restart)
     check_source_name                 ConfigError unless a source name fits the files
@@ -15,7 +15,7 @@ Public names::
 """
 
 from calstream.store.checksum import Adler32, adler32_file
-from calstream.store.codecs import CODECS, Codec, get_codec
+from calstream.store.codecs import CODECS, Codec, get_codec, parse_codec
 from calstream.store.destinations import Destination, FileDestination, open_destination
 from calstream.store.exdf import (
     PROPOSAL_RANGE,
@@ -50,5 +50,6 @@ __all__ = [
     "check_source_name",
     "get_codec",
     "open_destination",
+    "parse_codec",
     "read_file_info",
 ]
