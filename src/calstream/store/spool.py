@@ -405,19 +405,14 @@ class SpoolLimit:
         self.log_every = log_every
         self.blocked_s = 0.0
         self.stopped = False
-        self._usage = (0.0, 0)  # (when, bytes): scanning the spool once a second is enough
-        self._lock = threading.Lock()
+        self._usage = (0.0, 0)  # (when, bytes) last seen, for the log lines
 
     def full(self) -> bool:
-        """Whether the spool is at or above its limit (looked at most once a second)."""
+        """Whether the spool is at or above its limit (a few directory entries to look at)."""
         if self.limit is None:
             return False
-        with self._lock:
-            when, used = self._usage
-            now = time.monotonic()
-            if now - when > 1.0:
-                used = self.spool.usage()
-                self._usage = (now, used)
+        used = self.spool.usage()
+        self._usage = (time.monotonic(), used)
         return used >= self.limit
 
     def wait(self, stop: threading.Event) -> bool:
