@@ -178,3 +178,35 @@ def test_settings_are_checked(tmp_path):
     dest = WebdavDestination("davs://door.example:2880/pnfs/xfel/")
     assert dest.url == "https://door.example:2880/pnfs/xfel" and dest.port == 2880
     assert dest.settings.verify_tls
+
+
+def test_server_without_digests(webdav: WebdavServer, token_file, tmp_path):
+    """Without Digest headers the size is checked after PUT, the content read back on 412."""
+    webdav.faults.no_digest = True
+    src = spool_file(tmp_path)
+    dest = open_destination(webdav.url, fast(token_file))
+    assert dest.store(src, RELPATH).adler32 == adler(src.read_bytes())
+    assert webdav.faults.requests["HEAD"] == 1
+    assert dest.store(src, RELPATH).adler32 == adler(src.read_bytes())  # GET compares
+    assert webdav.faults.requests["GET"] == 1
+    other = tmp_path / "other.h5"
+    other.write_bytes(bytes(src.stat().st_size))  # same size, other content
+    with pytest.raises(StoreError, match=r"adler32 .* there"):
+        dest.store(other, RELPATH)
+
+
+def test_several_uploads_at_once(webdav: WebdavServer, token_file, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dest = open_destination(webdav.url, fast(token_file))
+    files = []
+    for i in range(6):
+        path = tmp_path / f"f{i}.h5"
+        path.write_bytes(os.urandom(200_000))
+        files.append(path)
+    with ThreadPoolExecutor(3) as pool:
+        stored = list(pool.map(lambda p: dest.store(p, f"r0002/{p.name}"), files))
+    assert {s.adler32 for s in stored} == {adler(p.read_bytes()) for p in files}
+    assert len(webdav.files()) == 6
+    dest.close()
+    dest.close()

@@ -33,6 +33,7 @@ class Faults:
     status: dict[str, list[int]] = field(default_factory=dict)  # method -> statuses to answer
     wrong_digest: int = 0  # PUT answers with a wrong adler32
     delay: float = 0.0  # seconds before answering a PUT
+    no_digest: bool = False  # behave like a server without RFC 3230 digests
     requests: Counter[str] = field(default_factory=Counter)  # method -> requests seen
     authorization: list[str] = field(default_factory=list)  # Authorization headers seen
 
@@ -64,7 +65,7 @@ class DcacheMiddleware:
         wrong = method == "PUT" and faults.wrong_digest > 0
         if wrong:
             faults.wrong_digest -= 1
-        want = "adler32" in environ.get("HTTP_WANT_DIGEST", "").lower()
+        want = "adler32" in environ.get("HTTP_WANT_DIGEST", "").lower() and not faults.no_digest
         path = unquote(environ.get("PATH_INFO", ""))
 
         def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
