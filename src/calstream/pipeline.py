@@ -565,7 +565,7 @@ class Pipeline:
                     stopped += 1
                     continue
                 pending[item.seq] = item
-                if not self.spool_limit.wait(self._stop):
+                if not self.spool_limit.wait(self._stop) and not self._stop.is_set():
                     self.stats.add("spool_full_stop")
                     self.stop()
                 while next_seq in pending:

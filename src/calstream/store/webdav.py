@@ -166,6 +166,10 @@ class WebdavDestination:
         self._clients: list[httpx.Client] = []
         self._collections: set[str] = set()
         self._lock = threading.Lock()
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            # one INFO line per request would repeat what the storer logs once per file
+            httpx_log.setLevel(logging.WARNING)
 
     @property
     def url(self) -> str:
