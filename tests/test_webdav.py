@@ -30,16 +30,19 @@ def adler(data: bytes) -> str:
     return f"{zlib.adler32(data):08x}"
 
 
-def fast(token_file: Path, **kwargs: float) -> WebdavSettings:
+def fast(token_file: Path, **kwargs: float | bool) -> WebdavSettings:
     """Settings with short waits so retries take milliseconds in tests."""
-    values = {"timeout": 5.0, "deadline": 5.0, "backoff": 0.05, "backoff_max": 0.2, **kwargs}
+    values: dict = {"timeout": 5.0, "deadline": 5.0, "backoff": 0.05, "backoff_max": 0.2,
+                    **kwargs}
     return WebdavSettings(token_file=str(token_file), **values)
 
 
-def test_put_streams_with_token_and_digest(webdav: WebdavServer, token_file, tmp_path, caplog):
+@pytest.mark.parametrize("rename", [True, False], ids=["put-then-move", "put"])
+def test_put_streams_with_token_and_digest(webdav: WebdavServer, token_file, tmp_path, caplog,
+                                           rename: bool):
     caplog.set_level(logging.DEBUG)
     src = spool_file(tmp_path)
-    dest = open_destination(webdav.url, fast(token_file))
+    dest = open_destination(webdav.url, fast(token_file, rename=rename))
     assert isinstance(dest, WebdavDestination)
     stored = dest.store(src, RELPATH)
     data = src.read_bytes()
@@ -50,6 +53,7 @@ def test_put_streams_with_token_and_digest(webdav: WebdavServer, token_file, tmp
     assert (stored.protocol, stored.host, stored.port) == ("http", "127.0.0.1", webdav.port)
     assert set(webdav.faults.authorization) == {f"Bearer {TOKEN}"}
     assert webdav.faults.requests["PUT"] == 1
+    assert webdav.faults.requests["MOVE"] == (1 if rename else 0)
     assert TOKEN not in caplog.text
 
 
@@ -66,9 +70,11 @@ def test_put_never_holds_the_whole_file(webdav: WebdavServer, token_file, tmp_pa
     assert webdav.files()[RELPATH] == src.read_bytes()
 
 
-def test_identical_file_there_counts_as_stored(webdav: WebdavServer, token_file, tmp_path):
+@pytest.mark.parametrize("rename", [True, False], ids=["put-then-move", "put"])
+def test_identical_file_there_counts_as_stored(webdav: WebdavServer, token_file, tmp_path,
+                                               rename: bool):
     src = spool_file(tmp_path)
-    dest = open_destination(webdav.url, fast(token_file))
+    dest = open_destination(webdav.url, fast(token_file, rename=rename))
     first = dest.store(src, RELPATH)
     again = dest.store(src, RELPATH)  # e.g. after a crash before the spool forgot it
     assert again.adler32 == first.adler32
@@ -78,7 +84,7 @@ def test_identical_file_there_counts_as_stored(webdav: WebdavServer, token_file,
     with pytest.raises(StoreError, match="a different file is already stored") as info:
         dest.store(other, RELPATH)
     assert not info.value.retriable
-    assert webdav.files()[RELPATH] == src.read_bytes()  # never overwritten
+    assert webdav.files() == {RELPATH: src.read_bytes()}  # never overwritten, nothing left
 
 
 def test_wrong_token_is_refused_not_retried(webdav: WebdavServer, tmp_path, caplog):
@@ -132,12 +138,13 @@ def test_server_down_past_deadline_gives_up(webdav_down: WebdavServer, token_fil
     assert src.exists()
 
 
+@pytest.mark.parametrize("rename", [True, False], ids=["put-then-move", "put"])
 def test_corrupted_upload_is_deleted_and_retried(webdav: WebdavServer, token_file, tmp_path,
-                                                 caplog):
+                                                 caplog, rename: bool):
     caplog.set_level(logging.WARNING)
     webdav.faults.wrong_digest = 1
     src = spool_file(tmp_path)
-    stored = open_destination(webdav.url, fast(token_file)).store(src, RELPATH)
+    stored = open_destination(webdav.url, fast(token_file, rename=rename)).store(src, RELPATH)
     assert webdav.faults.requests["PUT"] == 2 and webdav.faults.requests["DELETE"] == 1
     assert stored.adler32 == adler(src.read_bytes())
     assert webdav.files() == {RELPATH: src.read_bytes()}
@@ -155,14 +162,16 @@ def test_always_corrupted_is_never_reported_stored(webdav: WebdavServer, token_f
 
 
 def test_slow_server_past_deadline(webdav: WebdavServer, token_file, tmp_path):
-    webdav.faults.delay = 1.5
-    src = spool_file(tmp_path)
-    dest = open_destination(webdav.url, fast(token_file, timeout=0.3, deadline=0.8))
+    webdav.faults.delay = 1.0
+    src = spool_file(tmp_path, size=3_000_000)
+    dest = open_destination(webdav.url, fast(token_file, timeout=0.3, deadline=0.5))
     t0 = time.monotonic()
     with pytest.raises(StoreError, match="timed out"):
         dest.store(src, RELPATH)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 1.0
     assert src.exists()
+    time.sleep(1.0)  # the server writes what it got of the broken upload...
+    assert RELPATH not in webdav.files()  # ...under the hidden name only
 
 
 def test_refuses_paths_that_leave_the_root(webdav: WebdavServer, token_file, tmp_path):

@@ -137,6 +137,7 @@ class OutputConfig:
     verify_tls: bool = True
     store_timeout: float = 60.0
     store_deadline: float = 600.0
+    upload_rename: bool = True
     retention: Literal["delete", "keep"] = "delete"
     spool_limit: int | str = 0
     overflow: Literal["block", "stop"] = "block"
@@ -161,6 +162,7 @@ class OutputConfig:
             verify_tls=self.verify_tls,
             timeout=self.store_timeout,
             deadline=self.store_deadline,
+            rename=self.upload_rename,
         )
 
     def check(self) -> None:

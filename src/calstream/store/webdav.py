@@ -1,14 +1,16 @@
 """WebDAV destination: a dCache WebDAV door (``davs://``, ``https://``), or any WebDAV server.
 
 One file is one ``PUT`` streamed from the spool file (block by block, never the whole file in
-memory) while its Adler-32 is computed from the same reads. The request carries
+memory) while its Adler-32 is computed from the same reads, to a hidden temporary name that a
+``MOVE`` (``Overwrite: F``) then gives its real name, so a broken upload is never visible under
+the real name (``WebdavSettings.rename``; off: the PUT goes to the real name). The PUT carries
 ``Authorization: Bearer <token>`` (read from a file, re-read when the file changes, never
 logged), ``Want-Digest: adler32`` and ``If-None-Match: *`` (never overwrite). dCache answers
 ``Digest: adler32=<8 hex>``: it must equal ours, or the upload counts as failed, the remote copy
 is deleted and the upload retried. What counts::
 
     201, 204                 stored (after the digest check; without a digest: HEAD checks it)
-    409, 412                 something is there already: HEAD (Want-Digest) compares size and
+    409, 412 (PUT or MOVE)   something is there already: HEAD (Want-Digest) compares size and
                              checksum; an identical file counts as stored, a different one is
                              an error that retrying cannot fix. 409 with nothing there means a
                              missing parent: collections are created (MKCOL) and PUT again.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import socket
 import threading
 import time
@@ -68,6 +71,11 @@ class WebdavSettings:
         the spool for the next start).
     backoff, backoff_max
         First and longest wait between attempts; each wait doubles, with ±50 % jitter.
+    rename
+        PUT to a hidden temporary name (``.name.part-XXXXXXXX``) and ``MOVE`` it into place
+        (``Overwrite: F``), so that no broken upload is ever visible under the real name;
+        ``False``: PUT to the real name (one request less, for doors that remove failed
+        uploads themselves, as dCache does).
     """
 
     token_file: str = ""
@@ -77,6 +85,7 @@ class WebdavSettings:
     deadline: float = 600.0
     backoff: float = 1.0
     backoff_max: float = 60.0
+    rename: bool = True
 
 
 class _Retry(Exception):
@@ -258,8 +267,38 @@ class WebdavDestination:
     # --- one attempt ----------------------------------------------------------------------
 
     def _attempt(self, path: Path, url: str, deadline: float) -> tuple[str, int]:
-        """PUT once; returns (adler32, size) when the file is stored, else raises."""
+        """Store once; returns (adler32, size) when the file is stored, else raises."""
         self._make_collections(url, deadline)
+        if not self.settings.rename:
+            return self._put(path, url, deadline, cleanup=True)
+        # A hidden name first: a broken upload (door, network or us killed) is never visible
+        # under the real name, whatever the server does with it.
+        parent, name = url.rsplit("/", 1)
+        temp = f"{parent}/.{name}.part-{secrets.token_hex(4)}"
+        moved = False
+        try:
+            adler32, size = self._put(path, temp, deadline, cleanup=False)
+            response = self._request(
+                "MOVE", temp, deadline,
+                headers={**self._token.header(), "Destination": url, "Overwrite": "F"},
+            )
+            if response.status_code in (201, 204):
+                moved = True
+                return adler32, size
+            if response.status_code in (409, 412):
+                return self._existing(path, url, size, deadline)
+            raise _http_error("MOVE", temp, response, self.settings.token_file)
+        finally:
+            if not moved:
+                self._delete(temp, deadline, missing_ok=True)
+
+    def _put(
+        self, path: Path, url: str, deadline: float, *, cleanup: bool
+    ) -> tuple[str, int]:
+        """PUT once; returns (adler32, size) when the file is there, else raises.
+
+        ``cleanup``: delete a copy that arrived broken (else the caller does).
+        """
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by the with below)
         except OSError as exc:
@@ -286,12 +325,14 @@ class WebdavDestination:
             if theirs is None:
                 theirs, their_size = self._remote(url, deadline)
                 if their_size is not None and their_size != size:
-                    self._delete(url, deadline)
+                    if cleanup:
+                        self._delete(url, deadline)
                     raise StoreError(
                         f"{url} holds {their_size} bytes after the upload, we sent {size}"
                     )
             if theirs is not None and theirs != ours:
-                self._delete(url, deadline)
+                if cleanup:
+                    self._delete(url, deadline)
                 raise ChecksumMismatch(
                     f"{url} reports adler32 {theirs} after the upload, ours is {ours}; the "
                     "upload counts as failed"
@@ -349,12 +390,17 @@ class WebdavDestination:
             raise _transport_error("GET", url, exc) from exc
         return checksum.hexdigest()
 
-    def _delete(self, url: str, deadline: float) -> None:
+    def _delete(self, url: str, deadline: float, *, missing_ok: bool = False) -> None:
         """Remove a bad upload (best effort: the retry's HEAD sees what is left)."""
         try:
-            response = self._request("DELETE", url, deadline, headers=self._token.header())
+            response = self._request(
+                "DELETE", url, max(deadline, time.monotonic() + 5.0),
+                headers=self._token.header(),
+            )
         except StoreError as exc:
             log.warning("cannot delete the bad upload %s: %s", url, exc.message)
+            return
+        if response.status_code == 404 and missing_ok:
             return
         if response.status_code not in (200, 204, 404):
             log.warning("cannot delete the bad upload %s: HTTP %d", url, response.status_code)
