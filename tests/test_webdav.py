@@ -174,6 +174,28 @@ def test_slow_server_past_deadline(webdav: WebdavServer, token_file, tmp_path):
     assert RELPATH not in webdav.files()  # ...under the hidden name only
 
 
+def test_token_file_gone_while_running_is_retried(webdav: WebdavServer, token_file, tmp_path,
+                                                  caplog):
+    caplog.set_level(logging.WARNING)
+    dest = open_destination(webdav.url, fast(token_file, deadline=10.0))
+    moved = token_file.with_name("renewing")
+    token_file.rename(moved)
+    timer = __import__("threading").Timer(0.3, moved.rename, (token_file,))
+    timer.start()
+    src = spool_file(tmp_path)
+    assert dest.store(src, RELPATH).size == src.stat().st_size
+    timer.join()
+    assert any("cannot read token file" in r.getMessage() for r in caplog.records)
+
+
+def test_conflict_without_a_file_does_not_spin(webdav: WebdavServer, token_file, tmp_path):
+    webdav.faults.fail("PUT", *[409] * 100)
+    dest = open_destination(webdav.url, fast(token_file, deadline=0.5, rename=False))
+    with pytest.raises(StoreError, match="409 Conflict, and nothing is there"):
+        dest.store(spool_file(tmp_path), RELPATH)
+    assert webdav.faults.requests["PUT"] < 15
+
+
 def test_refuses_paths_that_leave_the_root(webdav: WebdavServer, token_file, tmp_path):
     dest = open_destination(webdav.url, fast(token_file))
     for bad in ("../x.h5", "/abs.h5", "r0001/.hidden.h5", "a//b.h5", "a/%2e%2e/b.h5", ""):
@@ -184,6 +206,8 @@ def test_refuses_paths_that_leave_the_root(webdav: WebdavServer, token_file, tmp
 def test_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="CA bundle"):
         WebdavDestination("davs://door:2880/pnfs", WebdavSettings(ca_bundle=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match=r"token file .* not found"):
+        WebdavDestination("davs://door:2880/pnfs", WebdavSettings(token_file=str(tmp_path / "t")))
     dest = WebdavDestination("davs://door.example:2880/pnfs/xfel/")
     assert dest.url == "https://door.example:2880/pnfs/xfel" and dest.port == 2880
     assert dest.settings.verify_tls

@@ -143,6 +143,7 @@ class WebdavServer:
         }
         app = DcacheMiddleware(WsgiDAVApp(config), self.root, self.faults)
         self._server = wsgi.Server(("127.0.0.1", self.port), app, numthreads=4)
+        self._server.expiration_interval = 0.05  # how long stop() waits for the serve loop
         self._server.prepare()
         self._thread = threading.Thread(target=self._server.serve, daemon=True)
         self._thread.start()

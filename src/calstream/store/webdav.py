@@ -164,6 +164,10 @@ class WebdavDestination:
             raise ConfigError("timeout and deadline must be > 0", key="output.store_deadline")
         if s.ca_bundle and not os.path.exists(s.ca_bundle):
             raise ConfigError(f"CA bundle {s.ca_bundle!r} not found", key="output.ca_bundle")
+        if s.token_file and not os.path.isfile(s.token_file):
+            # at start-up a clear error; later a missing token is retried (a renewer may be
+            # rewriting it)
+            raise ConfigError(f"token file {s.token_file!r} not found", key="output.token_file")
         self.protocol = scheme
         self.host = parts.hostname
         self.port = parts.port or (443 if scheme == "https" else 80)
@@ -227,12 +231,17 @@ class WebdavDestination:
         attempt = 0
         wait = s.backoff
         last: StoreError | None = None
+        again = False
         while True:
             attempt += 1
             try:
-                adler32, size = self._attempt(path, url, deadline)
-            except _Retry:
-                continue
+                try:
+                    adler32, size = self._attempt(path, url, deadline)
+                except _Retry as retry:
+                    if not again:  # at once, once; a second time waits like any failure
+                        again = True
+                        continue
+                    raise StoreError(str(retry)) from None
             except StoreError as exc:
                 if not exc.retriable:
                     raise
@@ -350,7 +359,7 @@ class WebdavDestination:
         if response.status_code == 404:
             with self._lock:
                 self._collections.clear()  # a parent is missing after all
-            raise _Retry
+            raise _Retry(f"{url}: HTTP 409 Conflict, and nothing is there (missing collection?)")
         if response.status_code != 200:
             raise _http_error("HEAD", url, response, self.settings.token_file)
         their_size = _content_length(response)
