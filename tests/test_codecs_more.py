@@ -41,6 +41,13 @@ def test_parse_codec() -> None:
         parse_codec("gzip:4")
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_spec_round_trips(spec: str) -> None:
+    codec = parse_codec(spec)
+    assert parse_codec(codec.spec) == codec
+    assert codec.spec == spec.removesuffix(":1")  # defaults are left out
+
+
 def test_dataset_kwargs_match_hdf5plugin() -> None:
     assert parse_codec("zstd:3").dataset_kwargs() == dict(hdf5plugin.Zstd(clevel=3))
     assert parse_codec("lz4").dataset_kwargs() == dict(hdf5plugin.LZ4())

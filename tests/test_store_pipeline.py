@@ -111,7 +111,7 @@ def test_rollover_by_bytes_and_codecs_per_dataset(make_config, constants_1cell, 
         output__bytes_per_file=1,  # every train fills a file
         output__compression__adc="zstd:3",
         output__compression__gain="lz4",
-        output__compression__mask="blosc:zstd:5",
+        output__compression__mask="blosc:zstd:7",
         output__bitround=10,
     )
     summary = Pipeline(config).run()
@@ -127,6 +127,10 @@ def test_rollover_by_bytes_and_codecs_per_dataset(make_config, constants_1cell, 
         assert filters["gain"][0] == 32004 and filters["mask"][0] == 32001
         adc = data["adc"][:]
         assert np.all(adc.view(np.uint32) & ((1 << 13) - 1) == 0)  # 10 mantissa bits kept
+    with Outbox(tmp_path / "spool" / "outbox.sqlite3") as outbox:
+        record = outbox.entries()[0].record()["calstream"]
+    assert record["compression"] == {"adc": "zstd:3", "gain": "lz4", "mask": "blosc:zstd:7"}
+    assert record["constants"]["bitround"] == 10  # the loss is on record
 
 
 def test_retention_keep(make_config, constants_1cell, tmp_path):

@@ -551,6 +551,8 @@ class Pipeline:
                 provenance={
                     "constants": self.constants[module].provenance,
                     "backend": cfg.calibration.backend,
+                    # lossy: readers must know data.adc keeps only these mantissa bits
+                    **({"bitround": cfg.output.bitround} if cfg.output.bitround else {}),
                 },
             )
             for module in cfg.source.modules

@@ -103,6 +103,15 @@ class Codec:
         """The codec as configuration: ``{"name": ..., **options}``."""
         return {"name": self.name, **asdict(self)}
 
+    @property
+    def spec(self) -> str:
+        """The codec as configuration text, e.g. ``'zstd:3'`` (:func:`parse_codec` reads it)."""
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        defaults = [f.default for f in dataclasses.fields(self)]
+        while values and values[-1] == defaults[len(values) - 1]:
+            values.pop()
+        return ":".join([self.name, *map(str, values)])
+
 
 #: Codec classes by name; extend with :func:`register_codec`.
 CODECS: dict[str, type[Codec]] = {}
