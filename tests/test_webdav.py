@@ -57,6 +57,17 @@ def test_put_streams_with_token_and_digest(webdav: WebdavServer, token_file, tmp
     assert TOKEN not in caplog.text
 
 
+def test_missing_root_and_parents_are_created(webdav: WebdavServer, token_file, tmp_path):
+    src = spool_file(tmp_path)
+    dest = open_destination(f"{webdav.url}/new/root", fast(token_file))
+    dest.store(src, "r0001/a/b.h5")
+    dest.store(src, "r0001/a/c.h5")
+    assert sorted(webdav.files()) == ["new/root/r0001/a/b.h5", "new/root/r0001/a/c.h5"]
+    # a, r0001 and root answer 409 (parent missing), then new, root, r0001, a are created;
+    # the second file needs none
+    assert webdav.faults.requests["MKCOL"] == 3 + 4
+
+
 def test_put_never_holds_the_whole_file(webdav: WebdavServer, token_file, tmp_path):
     src = spool_file(tmp_path, size=24 << 20)
     dest = open_destination(webdav.url, fast(token_file))

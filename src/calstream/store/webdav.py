@@ -415,25 +415,35 @@ class WebdavDestination:
             log.warning("cannot delete the bad upload %s: HTTP %d", url, response.status_code)
 
     def _make_collections(self, url: str, deadline: float) -> None:
-        """MKCOL every missing collection between the root and ``url``, top down."""
+        """Make sure the collection ``url`` goes into exists (MKCOL, parents as needed)."""
+        self._collection(urlsplit(url).path.rsplit("/", 1)[0], deadline)
+
+    def _collection(self, path: str, deadline: float) -> None:
+        """MKCOL ``path``; on 409 (its parent is missing) the parent first, then again.
+
+        Known collections are remembered, so the usual case costs nothing, and a new run
+        directory one request; the destination root itself is created too if it is missing.
+        """
+        with self._lock:
+            if not path.strip("/") or path in self._collections:
+                return
         base = urlsplit(self.base)
-        rel = urlsplit(url).path[len(base.path) :].strip("/").split("/")[:-1]
-        current = base.path.rstrip("/")
-        for part in rel:
-            current = f"{current}/{part}"
-            with self._lock:
-                if current in self._collections:
-                    continue
-            col = urlunsplit((base.scheme, base.netloc, current + "/", "", ""))
+        col = urlunsplit((base.scheme, base.netloc, path + "/", "", ""))
+        for first in (True, False):
             response = self._request("MKCOL", col, deadline, headers=self._token.header())
-            # 201 created, 405 already there (RFC 4918); some servers answer 301 or 409
+            # 201 created, 405 already there (RFC 4918); some servers answer 301 for a
+            # collection addressed without its slash
             if response.status_code in (200, 201, 204, 301, 405):
                 with self._lock:
-                    self._collections.add(current)
+                    self._collections.add(path)
                 if response.status_code == 201:
                     log.info("created collection %s", col)
+                return
+            if response.status_code == 409 and first:  # the parent is missing
+                self._collection(path.rsplit("/", 1)[0], deadline)
                 continue
-            raise _http_error("MKCOL", col, response, self.settings.token_file)
+            break
+        raise _http_error("MKCOL", col, response, self.settings.token_file)
 
     # --- HTTP -----------------------------------------------------------------------------
 
