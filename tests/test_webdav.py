@@ -254,3 +254,28 @@ def test_several_uploads_at_once(webdav: WebdavServer, token_file, tmp_path):
     assert len(webdav.files()) == 6
     dest.close()
     dest.close()
+
+
+def test_tls_door_verified_with_ca_bundle(tmp_path, token_file):
+    import trustme
+
+    ca = trustme.CA()
+    server = WebdavServer(tmp_path / "door", tls=ca).start()
+    try:
+        bundle = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        src = spool_file(tmp_path)
+        url = server.url.replace("https://", "davs://")
+        stored = open_destination(url, fast(token_file, ca_bundle=str(bundle))).store(src, RELPATH)
+        assert stored.protocol == "https" and stored.url.startswith("https://127.0.0.1")
+        assert server.files() == {RELPATH: src.read_bytes()}
+
+        # the system's CAs do not know the door: refused at once, not retried to the deadline
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"not trusted.*ca_bundle") as info:
+            open_destination(url, fast(token_file, deadline=30.0)).store(src, "r0001/x.h5")
+        assert not info.value.retriable and time.monotonic() - t0 < 5
+        insecure = open_destination(url, fast(token_file, verify_tls=False))
+        assert insecure.store(src, "r0001/y.h5").size == src.stat().st_size
+    finally:
+        server.stop()

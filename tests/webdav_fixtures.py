@@ -117,7 +117,8 @@ def _free_port() -> int:
 class WebdavServer:
     """wsgidav serving ``root`` at ``http://127.0.0.1:{port}/pnfs``; start() and stop() it."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, *, tls: Any = None) -> None:
+        self.tls = tls  # a trustme.CA: serve https with a certificate it issued
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
@@ -127,7 +128,8 @@ class WebdavServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{PREFIX}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{PREFIX}"
 
     def start(self) -> WebdavServer:
         from cheroot import wsgi
@@ -144,6 +146,14 @@ class WebdavServer:
         app = DcacheMiddleware(WsgiDAVApp(config), self.root, self.faults)
         self._server = wsgi.Server(("127.0.0.1", self.port), app, numthreads=4)
         self._server.expiration_interval = 0.05  # how long stop() waits for the serve loop
+        if self.tls is not None:
+            from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+            cert = self.tls.issue_cert("127.0.0.1", "localhost")
+            certfile, keyfile = self.root.parent / "door.pem", self.root.parent / "door.key"
+            cert.cert_chain_pems[0].write_to_path(str(certfile))
+            cert.private_key_pem.write_to_path(str(keyfile))
+            self._server.ssl_adapter = BuiltinSSLAdapter(str(certfile), str(keyfile))
         self._server.prepare()
         self._thread = threading.Thread(target=self._server.serve, daemon=True)
         self._thread.start()

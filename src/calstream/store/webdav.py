@@ -27,6 +27,7 @@ import os
 import random
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,9 @@ class WebdavDestination:
         self.base_path = "/" + parts.path.strip("/") if parts.path.strip("/") else ""
         self.base = urlunsplit((scheme, parts.netloc, self.base_path, "", ""))
         self.client_host = socket.gethostname()
+        if scheme == "https" and not s.verify_tls:
+            log.warning("TLS certificates of %s are not verified (output.verify_tls = false)",
+                        self.base)
         self._token = _Token(s.token_file)
         self._local = threading.local()  # one httpx.Client per storer thread
         self._clients: list[httpx.Client] = []
@@ -456,8 +460,6 @@ class WebdavDestination:
             s = self.settings
             verify: Any = s.verify_tls
             if s.verify_tls and s.ca_bundle:
-                import ssl
-
                 ca = Path(s.ca_bundle)
                 verify = ssl.create_default_context(
                     cafile=str(ca) if ca.is_file() else None,
@@ -526,4 +528,15 @@ def _http_error(method: str, url: str, response: httpx.Response, token_file: str
 def _transport_error(method: str, url: str, exc: httpx.HTTPError) -> StoreError:
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
     detail = str(exc) or type(exc).__name__
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # retrying will not make the certificate trusted
+            return StoreError(
+                f"{method} {url}: the door's TLS certificate is not trusted "
+                f"({cause.verify_message or cause}); set output.ca_bundle to the CA that "
+                "signed it",
+                retriable=False,
+            )
+        cause = cause.__cause__ or cause.__context__
     return StoreError(f"{method} {url} {kind}: {detail}")
