@@ -283,14 +283,14 @@ class WebdavDestination:
         """Store once; returns (adler32, size) when the file is stored, else raises."""
         self._make_collections(url, deadline)
         if not self.settings.rename:
-            return self._put(path, url, deadline, cleanup=True)
+            return self._put(path, url, deadline)
         # A hidden name first: a broken upload (door, network or us killed) is never visible
         # under the real name, whatever the server does with it.
         parent, name = url.rsplit("/", 1)
         temp = f"{parent}/.{name}.part-{secrets.token_hex(4)}"
+        adler32, size = self._put(path, temp, deadline)
         moved = False
         try:
-            adler32, size = self._put(path, temp, deadline, cleanup=False)
             response = self._request(
                 "MOVE", temp, deadline,
                 headers={**self._token.header(), "Destination": url, "Overwrite": "F"},
@@ -305,12 +305,10 @@ class WebdavDestination:
             if not moved:
                 self._delete(temp, deadline, missing_ok=True)
 
-    def _put(
-        self, path: Path, url: str, deadline: float, *, cleanup: bool
-    ) -> tuple[str, int]:
+    def _put(self, path: Path, url: str, deadline: float) -> tuple[str, int]:
         """PUT once; returns (adler32, size) when the file is there, else raises.
 
-        ``cleanup``: delete a copy that arrived broken (else the caller does).
+        A copy that arrived broken (wrong size or checksum) is deleted before raising.
         """
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by the with below)
@@ -338,14 +336,12 @@ class WebdavDestination:
             if theirs is None:
                 theirs, their_size = self._remote(url, deadline)
                 if their_size is not None and their_size != size:
-                    if cleanup:
-                        self._delete(url, deadline)
+                    self._delete(url, deadline)
                     raise StoreError(
                         f"{url} holds {their_size} bytes after the upload, we sent {size}"
                     )
             if theirs is not None and theirs != ours:
-                if cleanup:
-                    self._delete(url, deadline)
+                self._delete(url, deadline)
                 raise ChecksumMismatch(
                     f"{url} reports adler32 {theirs} after the upload, ours is {ours}; the "
                     "upload counts as failed"
@@ -404,19 +400,19 @@ class WebdavDestination:
         return checksum.hexdigest()
 
     def _delete(self, url: str, deadline: float, *, missing_ok: bool = False) -> None:
-        """Remove a bad upload (best effort: the retry's HEAD sees what is left)."""
+        """Remove a bad or surplus upload (best effort: a retry's HEAD sees what is left)."""
         try:
             response = self._request(
                 "DELETE", url, max(deadline, time.monotonic() + 5.0),
                 headers=self._token.header(),
             )
         except StoreError as exc:
-            log.warning("cannot delete the bad upload %s: %s", url, exc.message)
+            log.warning("cannot delete %s: %s", url, exc.message)
             return
         if response.status_code == 404 and missing_ok:
             return
         if response.status_code not in (200, 204, 404):
-            log.warning("cannot delete the bad upload %s: HTTP %d", url, response.status_code)
+            log.warning("cannot delete %s: HTTP %d", url, response.status_code)
 
     def _make_collections(self, url: str, deadline: float) -> None:
         """Make sure the collection ``url`` goes into exists (MKCOL, parents as needed)."""
