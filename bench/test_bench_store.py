@@ -123,3 +123,20 @@ def test_webdav_upload(benchmark, rates, door, tmp_path: Path, pool, uploads: in
     benchmark.pedantic(run, rounds=4, warmup_rounds=1)
     rates.add(f"webdav PUT to wsgidav, 64 MB files, {uploads} at once", size * uploads, benchmark)
     dest.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitround(benchmark, rates, corrected, pool, threads) -> None:
+    """The Numba bit-rounding kernel on a corrected float32 train (in place, GIL released)."""
+    work = corrected["float32"].copy()
+    half = CELLS // 2
+
+    def one() -> None:
+        bitround(work, 12)
+
+    def two() -> None:
+        list(pool.map(lambda part: bitround(part, 12), (work[:half], work[half:])))
+
+    benchmark.pedantic(one if threads == 1 else two, rounds=10, warmup_rounds=1)
+    label = f"bitround 12 bits, float32, {threads} thread{'s' if threads > 1 else ''}"
+    rates.add(label, work.nbytes, benchmark)
