@@ -10,7 +10,10 @@ import pytest
 from calstream.calibrate import synth_jungfrau_constants
 from calstream.config import load_config
 
-pytest_plugins = ["tests.kafka_fixtures"]  # the tansu broker (or CALSTREAM_TEST_KAFKA)
+pytest_plugins = [
+    "tests.kafka_fixtures",  # the tansu broker (or CALSTREAM_TEST_KAFKA)
+    "tests.webdav_fixtures",  # a wsgidav door with dCache's Digest header
+]
 
 
 def free_port() -> int:

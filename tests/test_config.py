@@ -77,3 +77,37 @@ def test_not_toml_and_missing_file(tmp_path):
 def test_bad_override():
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["run=3"])
+
+
+def test_store_keys() -> None:
+    config = load_config(None, [
+        'output.destination="davs://door.example:2880/pnfs/xfel"',
+        'output.token_file="/run/token"', "output.uploads=4", 'output.bytes_per_file="1.5GiB"',
+        'output.spool_limit="200GB"', 'output.overflow="stop"', "output.bitround=12",
+        'output.compression={adc="zstd:3", gain="lz4", mask="blosc:zstd:5"}',
+        "output.store_deadline=30",
+    ])
+    out = config.output
+    assert out.max_file_bytes == int(1.5 * 2**30) and out.spool_limit_bytes == 200 * 10**9
+    settings = out.webdav_settings()
+    assert settings.token_file == "/run/token" and settings.deadline == 30.0
+    assert settings.verify_tls
+    assert load_config().output.max_file_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('output.compression={adc="zstd:40"}', r"output\.compression\.adc: zstd level"),
+        ('output.compression={adc="gzip"}', r"output\.compression\.adc: unknown codec 'gzip'"),
+        ('output.spool_limit="lots"', r"output\.spool_limit: must be a size"),
+        ("output.bitround=24", r"output\.bitround: keeps 1 to 23"),
+        ("output.uploads=0", r"output\.uploads: must be >= 1"),
+        ('output.overflow="drop"', r"output\.overflow: must be one of 'block', 'stop'"),
+        ('output.retention="forever"', r"output\.retention: must be one of"),
+        ('output.token_file="t"', r"output\.token_file: is for davs://"),
+    ],
+)
+def test_store_key_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

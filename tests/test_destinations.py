@@ -76,8 +76,9 @@ def test_open_destination_file_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("davs://dcache.example.org:2880/pnfs/data", "davs:// comes with the store issue"),
-        ("https://dcache.example.org/pnfs/data", "'https' is not supported yet"),
+        ("http://dcache.example.org/pnfs/data", "plain http is only allowed to a loopback"),
+        ("davs://user:pw@dcache.example.org/pnfs", "must not carry credentials"),
+        ("davs:///pnfs/data", "not a WebDAV URL"),
         ("s3://bucket/data", "unknown destination scheme 's3'"),
         ("/plain/path", "no scheme"),
         ("file://", "no path"),

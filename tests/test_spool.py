@@ -216,3 +216,27 @@ def test_kill_9_leaves_only_complete_files_in_complete(tmp_path: Path) -> None:
         assert info.trains == 3
     assert list(spool.building.iterdir()) == []
     assert spool.next_sequence(1, "JNGFR", 1) >= len(pending)
+
+
+def test_retention_keep_and_usage(tmp_path) -> None:
+    from calstream.store.spool import SpoolLimit
+
+    spool = Spool(tmp_path / "spool", fsync=False, retention="keep")
+    path = spool.building_path("CORR-R0001-JNGFR01-S00000.h5")
+    path.write_bytes(b"x" * 1000)
+    assert spool.usage() == 1000
+    limit = SpoolLimit(spool, 1000, "stop")
+    assert limit.full()
+    import threading
+
+    assert limit.wait(threading.Event()) is False and limit.stopped
+    done = spool.mark_complete(path)
+    spool.remove(done, last_train=5)
+    assert (spool.kept / path.name).read_bytes() == b"x" * 1000
+    assert spool.usage() == 1000  # kept files count
+    assert SpoolLimit(spool, None).wait(threading.Event())
+    assert SpoolLimit(spool, 2000).wait(threading.Event())
+    with pytest.raises(ConfigError, match="retention must be one of delete, keep"):
+        Spool(tmp_path / "x", retention="forever")
+    with pytest.raises(ConfigError, match="overflow must be one of block, stop"):
+        SpoolLimit(spool, 1, "drop")

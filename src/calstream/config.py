@@ -131,9 +131,45 @@ class OutputConfig:
             "mask": "bitshuffle-lz4",
         }
     )
+    bytes_per_file: int | str = 0
+    bitround: int = 0
+    uploads: int = 2
+    token_file: str = ""
+    ca_bundle: str = ""
+    verify_tls: bool = True
+    store_timeout: float = 60.0
+    store_deadline: float = 600.0
+    upload_rename: bool = True
+    retention: Literal["delete", "keep"] = "delete"
+    spool_limit: int | str = 0
+    overflow: Literal["block", "stop"] = "block"
+
+    @property
+    def max_file_bytes(self) -> int | None:
+        """``bytes_per_file`` in bytes; None: no limit."""
+        return parse_size(self.bytes_per_file, "bytes_per_file") or None
+
+    @property
+    def spool_limit_bytes(self) -> int | None:
+        """``spool_limit`` in bytes; None: no limit."""
+        return parse_size(self.spool_limit, "spool_limit") or None
+
+    def webdav_settings(self) -> Any:
+        """Token, TLS and retry settings for a WebDAV destination."""
+        from .store import WebdavSettings
+
+        return WebdavSettings(
+            token_file=self.token_file,
+            ca_bundle=self.ca_bundle,
+            verify_tls=self.verify_tls,
+            timeout=self.store_timeout,
+            deadline=self.store_deadline,
+            rename=self.upload_rename,
+        )
 
     def check(self) -> None:
-        from .store import PROPOSAL_RANGE, RUN_RANGE
+        from .store import PROPOSAL_RANGE, RUN_RANGE, parse_codec
+        from .store.bitround import MANTISSA_BITS
 
         for key, value, (lo, hi) in (
             ("run", self.run, RUN_RANGE),
@@ -151,6 +187,28 @@ class OutputConfig:
             "compression",
             f"knows the datasets adc, gain and mask. Got {sorted(unknown)}.",
         )
+        for dataset, spec in self.compression.items():
+            try:
+                parse_codec(spec)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, key=f"compression.{dataset}") from None
+        parse_size(self.bytes_per_file, "bytes_per_file")
+        parse_size(self.spool_limit, "spool_limit")
+        _require(
+            0 <= self.bitround <= MANTISSA_BITS,
+            "bitround",
+            f"keeps 1 to {MANTISSA_BITS} mantissa bits of float32 data (0: lossless). "
+            f"Got {self.bitround}.",
+        )
+        _require(self.uploads >= 1, "uploads", f"must be >= 1. Got {self.uploads}.")
+        _require(self.store_timeout > 0, "store_timeout", "must be > 0 seconds")
+        _require(self.store_deadline > 0, "store_deadline", "must be > 0 seconds")
+        if self.token_file and "://" in self.destination:
+            _require(
+                not self.destination.lower().startswith("file:"),
+                "token_file",
+                "is for davs:// and https:// destinations; file:// needs none",
+            )
 
 
 _KAFKA_COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -367,6 +425,40 @@ _SECTIONS: dict[str, type] = {
     "simulate": SimulateConfig,
     "ship": ShipConfig,
 }
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an integer or a text like ``"4GB"``, ``"1.5 GiB"``, ``"500MB"`` (0: none).
+
+    Raises
+    ------
+    ConfigError
+        Not a size (key ``key``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("kmgtib")
+        unit = text[len(digits) :]
+        try:
+            number = int(float(digits) * _SIZE_UNITS[unit])
+        except (ValueError, KeyError):
+            number = -1
+    else:
+        number = -1
+    if number < 0:
+        raise ConfigError(
+            f"must be a size in bytes like 4000000000 or \"4GB\" (0: no limit). Got {value!r}.",
+            key=key,
+        )
+    return number
 
 
 def _require(ok: bool, key: str, message: str) -> None:

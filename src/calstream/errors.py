@@ -46,8 +46,11 @@ class CalstreamError(Exception):
         source: str | None = None,
         train_id: int | None = None,
         key: str | None = None,
+        retriable: bool | None = None,
     ) -> None:
         self.message = message
+        if retriable is not None:
+            self.retriable = retriable  # this instance differs from its class
         self.source = source
         self.train_id = train_id
         self.key = key

@@ -30,7 +30,16 @@ from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
 from .metrics import RunSummary, Stats
-from .store import FileInfo, SequenceWriter, Spool, get_codec, open_destination, read_file_info
+from .store import (
+    FileInfo,
+    SequenceWriter,
+    Spool,
+    open_destination,
+    parse_codec,
+    read_file_info,
+)
+from .store.bitround import bitround
+from .store.spool import SpoolLimit
 
 __all__ = ["Pipeline"]
 
@@ -119,11 +128,12 @@ class Pipeline:
         # and it must stop us before the spool, the outbox or any socket exists.
         self.constants = self._load_constants()
         out = config.output
-        self.codecs = {key: get_codec(name) for key, name in out.compression.items()}
+        self.codecs = {key: parse_codec(spec) for key, spec in out.compression.items()}
         for key in ("adc", "gain", "mask"):
-            self.codecs.setdefault(key, get_codec("bitshuffle-lz4"))
-        self.destination = open_destination(out.destination)
-        self.spool = Spool(Path(out.spool))
+            self.codecs.setdefault(key, parse_codec("bitshuffle-lz4"))
+        self.destination = open_destination(out.destination, out.webdav_settings())
+        self.spool = Spool(Path(out.spool), retention=out.retention)
+        self.spool_limit = SpoolLimit(self.spool, out.spool_limit_bytes, out.overflow)
         if config.events.outbox:
             self.outbox = Outbox(config.events.outbox)
         else:
@@ -225,7 +235,9 @@ class Pipeline:
         self._last_status = (started, 0)
         if self.publisher is not None:
             self.publisher.start()  # returns at once; events wait in the outbox for the broker
-        self._spawn("storer", self._store_loop, file_q)
+        # Several storers: uploads to a WebDAV door overlap (each waits on the network).
+        for i in range(cfg.output.uploads):
+            self._spawn(f"storer-{i}", self._store_loop, file_q)
         self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
         for i in range(cfg.pipeline.workers):
             self._spawn(f"worker-{i}", self._work_loop, work_q, result_q)
@@ -247,6 +259,9 @@ class Pipeline:
             if self.publisher is not None:
                 self._stop_publisher(self.publisher)
             self.outbox.close()
+            close = getattr(self.destination, "close", None)
+            if close is not None:
+                close()
         seconds = time.monotonic() - started
         if self._errors:
             raise self._errors[0]
@@ -493,6 +508,8 @@ class Pipeline:
                     buffers["adc"], buffers["gain"], buffers["mask"],
                     source=source, train_id=work.train_id,
                 )
+                if self.config.output.bitround and buffers["adc"].dtype == np.float32:
+                    bitround(buffers["adc"], self.config.output.bitround)
                 t1 = time.perf_counter()
                 chunks: dict[str, list[np.ndarray]] = {}
                 for key, buf in buffers.items():
@@ -538,9 +555,12 @@ class Pipeline:
                 cells=cfg.calibration.cells,
                 codecs=self.codecs,
                 trains_per_file=cfg.output.trains_per_file,
+                max_file_bytes=cfg.output.max_file_bytes,
                 provenance={
                     "constants": self.constants[module].provenance,
                     "backend": cfg.calibration.backend,
+                    # lossy: readers must know data.adc keeps only these mantissa bits
+                    **({"bitround": cfg.output.bitround} if cfg.output.bitround else {}),
                 },
             )
             for module in cfg.source.modules
@@ -555,6 +575,9 @@ class Pipeline:
                     stopped += 1
                     continue
                 pending[item.seq] = item
+                if not self.spool_limit.wait(self._stop) and not self._stop.is_set():
+                    self.stats.add("spool_full_stop")
+                    self.stop()
                 while next_seq in pending:
                     result = pending.pop(next_seq)
                     next_seq += 1
@@ -606,6 +629,7 @@ class Pipeline:
         while True:
             info = file_q.get()
             if info is _STOP:
+                file_q.put(_STOP)  # for the other storers
                 return
             self._store_one(info)
 
@@ -676,6 +700,7 @@ class Pipeline:
         problem_keys = (
             "rejected_messages", "rejected_trains_backwards", "module_missing",
             "module_rejected", "module_failed", "module_write_failed", "files_unstored",
+            "spool_full_stop",
         )
         return RunSummary(
             trains=int(s.get("trains_written", 0)),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import re
 import struct
@@ -36,7 +37,18 @@ import numpy as np
 
 from calstream.errors import ConfigError
 
-__all__ = ["CODECS", "BitshuffleLZ4", "Codec", "NoCompression", "get_codec", "register_codec"]
+__all__ = [
+    "CODECS",
+    "LZ4",
+    "BitshuffleLZ4",
+    "Blosc",
+    "Codec",
+    "NoCompression",
+    "Zstd",
+    "get_codec",
+    "parse_codec",
+    "register_codec",
+]
 
 log = logging.getLogger(__name__)
 _omp_lock = threading.Lock()
@@ -91,6 +103,15 @@ class Codec:
         """The codec as configuration: ``{"name": ..., **options}``."""
         return {"name": self.name, **asdict(self)}
 
+    @property
+    def spec(self) -> str:
+        """The codec as configuration text, e.g. ``'zstd:3'`` (:func:`parse_codec` reads it)."""
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        defaults = [f.default for f in dataclasses.fields(self)]
+        while values and values[-1] == defaults[len(values) - 1]:
+            values.pop()
+        return ":".join([self.name, *map(str, values)])
+
 
 #: Codec classes by name; extend with :func:`register_codec`.
 CODECS: dict[str, type[Codec]] = {}
@@ -121,6 +142,42 @@ def get_codec(name: str, **options: Any) -> Codec:
         return cls(**options)
     except TypeError as exc:
         raise ConfigError(f"invalid options for codec {name!r}: {exc}", key="codec") from None
+
+
+def parse_codec(spec: str) -> Codec:
+    """Build a codec from its configuration text: ``name[:option[:option]]``.
+
+    ``"bitshuffle-lz4"``, ``"none"``, ``"lz4"``, ``"zstd"`` or ``"zstd:3"`` (level),
+    ``"blosc"``, ``"blosc:lz4"`` or ``"blosc:zstd:5"`` (compressor and level).
+
+    Raises
+    ------
+    ConfigError
+        Unknown name or invalid options (the message says which and lists the known ones).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"a codec is a name like 'zstd:3'. Got {spec!r} instead.", key="codec")
+    name, *args = spec.strip().split(":")
+    cls = CODECS.get(name)
+    if cls is None:
+        return get_codec(name)  # raises, listing the known names
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    if len(args) > len(fields):
+        raise ConfigError(
+            f"codec {name!r} takes at most {len(fields)} option(s) "
+            f"({', '.join(f.name for f in fields) or 'none'}). Got {spec!r} instead.",
+            key="codec",
+        )
+    options: dict[str, Any] = {}
+    for f, text in zip(fields, args, strict=False):
+        try:
+            options[f.name] = int(text) if f.type in (int, "int") else text
+        except ValueError:
+            raise ConfigError(
+                f"codec {name!r}: {f.name} must be an integer. Got {text!r} instead.",
+                key="codec",
+            ) from None
+    return get_codec(name, **options)
 
 
 @register_codec
@@ -221,6 +278,187 @@ class BitshuffleLZ4(Codec):
 
 
 _HEADER = 12  # bitshuffle filter chunk header: 8-byte size + 4-byte block size
+
+#: HDF5 filter ids (registered with the HDF Group), as in hdf5plugin.
+ZSTD_H5FILTER = 32015
+LZ4_H5FILTER = 32004
+BLOSC_H5FILTER = 32001
+_zstd_local = threading.local()
+
+
+@register_codec
+@dataclass(frozen=True)
+class Zstd(Codec):
+    """Zstandard, HDF5 filter 32015, as ``hdf5plugin.Zstd(clevel)``.
+
+    A chunk is one zstd frame that records its content size (what the filter's decoder needs).
+    Each thread has its own compressor: one compression context shared by threads is not safe.
+    ``python-zstandard`` releases the GIL while it compresses.
+    """
+
+    name: ClassVar[str] = "zstd"
+    level: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.level, bool) or not isinstance(self.level, int) or not (
+            -7 <= self.level <= 22 and self.level != 0
+        ):
+            raise ConfigError(
+                f"zstd level must be from 1 to 22 (or -7 to -1, faster). Got {self.level!r} "
+                "instead.",
+                key="codec.level",
+            )
+
+    def _compressor(self) -> Any:
+        import zstandard
+
+        cache = getattr(_zstd_local, "compressors", None)
+        if cache is None:
+            cache = _zstd_local.compressors = {}
+        comp = cache.get(self.level)
+        if comp is None:
+            comp = cache[self.level] = zstandard.ZstdCompressor(
+                level=self.level, write_content_size=True, write_checksum=False
+            )
+        return comp
+
+    def encode(self, chunk: np.ndarray) -> bytes:
+        arr = np.ascontiguousarray(chunk)
+        return self._compressor().compress(arr.reshape(-1).view(np.uint8))
+
+    def max_encoded_size(self, nbytes: int, itemsize: int) -> int:
+        # ZSTD_COMPRESSBOUND plus room for the frame header
+        small = ((128 << 10) - nbytes) >> 11 if nbytes < 128 << 10 else 0
+        return nbytes + (nbytes >> 8) + small + 64
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        import hdf5plugin
+
+        return dict(hdf5plugin.Zstd(clevel=max(self.level, 1)))
+
+
+@register_codec
+@dataclass(frozen=True)
+class LZ4(Codec):
+    """LZ4, HDF5 filter 32004, as ``hdf5plugin.LZ4(nbytes)``.
+
+    Chunk bytes: uncompressed size (8 bytes, big-endian), block size (4 bytes, big-endian),
+    then per block its compressed size (4 bytes, big-endian) and the raw LZ4 block; a block
+    that does not shrink is stored as it is with its own size, as the filter does. ``nbytes``
+    is the block size in bytes (0: the filter's default, 1 GiB, i.e. one block per chunk).
+    ``lz4.block`` releases the GIL while it compresses.
+    """
+
+    name: ClassVar[str] = "lz4"
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nbytes, bool) or not isinstance(self.nbytes, int) or not (
+            0 <= self.nbytes <= 0x7E000000
+        ):
+            raise ConfigError(
+                f"lz4 nbytes must be from 0 to 2113929216. Got {self.nbytes!r} instead.",
+                key="codec.nbytes",
+            )
+
+    def encode(self, chunk: np.ndarray) -> bytes:
+        import lz4.block
+
+        arr = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        total = arr.nbytes
+        block = min(self.nbytes or 1 << 30, total) or 1
+        parts = [struct.pack(">QI", total, block)]
+        for start in range(0, total, block):
+            raw = arr[start : start + block]
+            packed = lz4.block.compress(raw, mode="default", store_size=False)
+            if len(packed) >= raw.nbytes:
+                packed = raw.tobytes()
+            parts += (struct.pack(">I", len(packed)), packed)
+        return b"".join(parts)
+
+    def max_encoded_size(self, nbytes: int, itemsize: int) -> int:
+        block = min(self.nbytes or 1 << 30, nbytes) or 1
+        nblocks = max(1, -(-nbytes // block))
+        return _HEADER + nblocks * (block + block // 255 + 16 + 4)
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        import hdf5plugin
+
+        return dict(hdf5plugin.LZ4(nbytes=self.nbytes))
+
+
+_BLOSC_CNAMES = ("blosclz", "lz4", "lz4hc", "zlib", "zstd")
+_blosc_lock = threading.Lock()
+_blosc_ready = False
+
+
+def _blosc() -> Any:
+    """c-blosc1 set up for calling from worker threads: GIL released, one internal thread."""
+    global _blosc_ready
+    import blosc
+
+    if not _blosc_ready:
+        with _blosc_lock:
+            if not _blosc_ready:
+                blosc.set_releasegil(True)
+                blosc.set_nthreads(1)  # parallelism comes from our workers
+                _blosc_ready = True
+    return blosc
+
+
+@register_codec
+@dataclass(frozen=True)
+class Blosc(Codec):
+    """Blosc (c-blosc1), HDF5 filter 32001, as ``hdf5plugin.Blosc(cname, clevel, shuffle)``.
+
+    A chunk is one c-blosc1 buffer (its own 16-byte header holds sizes, type size and
+    shuffle). ``shuffle`` is 0 (none), 1 (byte) or 2 (bit). calstream makes python-blosc
+    release the GIL and use one internal thread.
+    """
+
+    name: ClassVar[str] = "blosc"
+    cname: str = "lz4"
+    clevel: int = 5
+    shuffle: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cname not in _BLOSC_CNAMES:
+            raise ConfigError(
+                f"blosc compressor must be one of {', '.join(_BLOSC_CNAMES)}. "
+                f"Got {self.cname!r} instead.",
+                key="codec.cname",
+            )
+        if isinstance(self.clevel, bool) or not isinstance(self.clevel, int) or not (
+            0 <= self.clevel <= 9
+        ):
+            raise ConfigError(
+                f"blosc level must be from 0 to 9. Got {self.clevel!r} instead.",
+                key="codec.clevel",
+            )
+        if self.shuffle not in (0, 1, 2):
+            raise ConfigError(
+                f"blosc shuffle must be 0, 1 or 2. Got {self.shuffle!r} instead.",
+                key="codec.shuffle",
+            )
+
+    def encode(self, chunk: np.ndarray) -> bytes:
+        blosc = _blosc()
+        arr = np.ascontiguousarray(chunk)
+        if arr.nbytes > blosc.MAX_BUFFERSIZE:
+            raise ValueError(f"a chunk of {arr.nbytes} bytes is too large for blosc")
+        return blosc.compress_ptr(
+            arr.ctypes.data, arr.size, arr.itemsize, self.clevel, self.shuffle, self.cname
+        )
+
+    def max_encoded_size(self, nbytes: int, itemsize: int) -> int:
+        return nbytes + 16 + 64  # BLOSC_MAX_OVERHEAD
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        import hdf5plugin
+
+        return dict(
+            hdf5plugin.Blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+        )
 
 
 def _check_out(out: np.ndarray, need: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Destinations: where complete files go (a dCache mount today, its WebDAV door next).
+"""Destinations: where complete files go (a dCache NFS mount, or its WebDAV door).
 
 A destination makes a spool file visible under ``root/relpath`` only once it is complete and
 durable, and reports its Adler-32 (computed while the data passes, never in a separate pass).
@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 from calstream.errors import ConfigError, StoreError
 from calstream.store.checksum import BLOCKSIZE, Adler32, adler32_file
 from calstream.store.records import StoredFile
+from calstream.store.webdav import WebdavDestination, WebdavSettings
 
 __all__ = ["Destination", "FileDestination", "open_destination"]
 
@@ -38,10 +39,12 @@ class Destination(Protocol):
     def store(self, path: Path, relpath: str) -> StoredFile: ...
 
 
-def open_destination(url: str) -> Destination:
+def open_destination(url: str, webdav: WebdavSettings | None = None) -> Destination:
     """The destination for a URL from the configuration.
 
-    ``file:///abs/path`` or ``file://./relative`` (resolved against the current directory).
+    ``file:///abs/path`` or ``file://./relative`` (resolved against the current directory);
+    ``davs://door:2880/path`` or ``https://…`` (a dCache WebDAV door, with ``webdav``'s token
+    and TLS settings); ``dav://`` or ``http://`` to a loopback host only (tests).
 
     Raises
     ------
@@ -62,13 +65,10 @@ def open_destination(url: str) -> Destination:
             raise ConfigError(f"destination {url!r} has no path", key="output.destination")
         return FileDestination(Path(rest).absolute())
     if scheme in ("davs", "dav", "https", "http"):
-        raise ConfigError(
-            f"destination scheme {scheme!r} is not supported yet (davs:// comes with the store "
-            "issue); use file://",
-            key="output.destination",
-        )
+        return WebdavDestination(url, webdav)
     raise ConfigError(
-        f"unknown destination scheme {scheme!r}; supported: file://", key="output.destination"
+        f"unknown destination scheme {scheme!r}; supported: file://, davs://, https://",
+        key="output.destination",
     )
 
 

@@ -408,7 +408,7 @@ class ExdfFileWriter:
             last_train=last_train,
             trains=t,
             frames=n * self.cells,
-            compression={name: codec.name for name, codec in self.codecs.items()},
+            compression={name: codec.spec for name, codec in self.codecs.items()},
             constants=self.provenance,
             raw_bytes=raw * n * self.cells,
         )
@@ -672,9 +672,19 @@ def read_file_info(path: str | os.PathLike[str]) -> FileInfo:
                 last_train=int(train_ids[-1]) if len(train_ids) else 0,
                 trains=len(train_ids),
                 frames=frames,
-                compression={k: v["name"] for k, v in codecs.items()},
+                compression={k: _codec_spec(v) for k, v in codecs.items()},
                 constants=json.loads(ours["provenance"][()]),
                 raw_bytes=raw,
             )
     except (OSError, KeyError, ValueError, IndexError) as exc:
         raise StoreError(f"cannot read file info from {path}: {exc}") from exc
+
+
+def _codec_spec(options: dict[str, Any]) -> str:
+    """A codec's configuration text from its METADATA record; the name if it is not known."""
+    from calstream.store.codecs import get_codec
+
+    try:
+        return get_codec(**options).spec
+    except (ConfigError, TypeError):
+        return str(options.get("name", "?"))

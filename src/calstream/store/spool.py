@@ -5,6 +5,7 @@ Layout below the spool root::
     building/   files being written (a crash leaves them here)
     complete/   closed files waiting to be stored at the destination
     failed/     files from a crashed run or a failed write, kept for inspection
+    kept/       stored files kept in the spool (``retention = "keep"``), for local analysis
     stored/     markers named after files already stored and removed, so that sequence
                 numbers (and train ids, see :meth:`Spool.last_train_ids`) continue after a
                 restart instead of clashing at the destination. A marker holds
@@ -20,6 +21,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -29,9 +32,11 @@ from calstream.errors import ConfigError, StoreError
 
 __all__ = [
     "MODULE_RANGE",
+    "RETENTIONS",
     "RUN_RANGE",
     "SEQUENCE_RANGE",
     "Spool",
+    "SpoolLimit",
     "check_int",
     "corr_filename",
     "parse_corr_filename",
@@ -45,6 +50,8 @@ RUN_RANGE = (0, 9999)
 MODULE_RANGE = (0, 99)
 #: Valid sequence numbers (inclusive): five digits in file names.
 SEQUENCE_RANGE = (0, 99999)
+#: What happens to a spool file once it is stored.
+RETENTIONS = ("delete", "keep")
 
 _AGGREGATOR_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}")
 _CORR_RE = re.compile(
@@ -105,16 +112,30 @@ class Spool:
         Flush a file's data to disk before it is marked complete (and the directories after
         each move), so a power loss cannot leave a complete-looking file with lost data.
         Process crashes (``kill -9``) are safe without it; turn it off only for benchmarks.
+    retention
+        ``"delete"`` a file once it is stored, or ``"keep"`` it in ``kept/``.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, fsync: bool = True, retention: str = "delete"
+    ) -> None:
+        if retention not in RETENTIONS:
+            raise ConfigError(
+                f"retention must be one of {', '.join(RETENTIONS)}. Got {retention!r} instead.",
+                key="output.retention",
+            )
         self.root = Path(root).absolute()
         self.fsync = fsync
+        self.retention = retention
         self.building = self.root / "building"
         self.complete = self.root / "complete"
         self.failed = self.root / "failed"
         self.stored = self.root / "stored"
-        for d in (self.building, self.complete, self.failed, self.stored):
+        self.kept = self.root / "kept"
+        folders = [self.building, self.complete, self.failed, self.stored]
+        if retention == "keep":
+            folders.append(self.kept)
+        for d in folders:
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -159,7 +180,8 @@ class Spool:
         return dst
 
     def remove(self, path: str | os.PathLike[str], *, last_train: int | None = None) -> None:
-        """Forget a complete file once it is stored: delete it and leave a ``stored/`` marker.
+        """Forget a complete file once it is stored: delete it (or move it to ``kept/``, with
+        ``retention = "keep"``) and leave a ``stored/`` marker.
 
         ``last_train`` (the file's ``FileInfo.last_train``) is kept in the marker, for
         :meth:`last_train_ids`. A file already gone (e.g. moved away by the destination) is
@@ -172,12 +194,35 @@ class Spool:
                 self._write_marker(marker, int(last_train))
             elif not marker.exists():
                 marker.touch()
-            src.unlink(missing_ok=True)
+            if self.retention == "keep" and src.exists():
+                os.replace(src, self.kept / src.name)
+            else:
+                src.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot remove {src} from the spool: {exc.strerror}") from exc
         if self.fsync:
             _fsync_dir(self.complete)
             _fsync_dir(self.stored)
+            if self.retention == "keep":
+                _fsync_dir(self.kept)
+
+    def usage(self) -> int:
+        """Bytes of the files in the spool (building, complete, failed and kept)."""
+        total = 0
+        for folder in (self.building, self.complete, self.failed, self.kept):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot list {folder}: {exc.strerror}") from exc
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    pass  # moved on while we looked
+        return total
 
     def _write_marker(self, marker: Path, last_train: int) -> None:
         # Write aside and rename, so a crash never leaves a marker with a truncated number.
@@ -328,3 +373,79 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot sync directory {path}: {exc.strerror}") from exc
+
+
+class SpoolLimit:
+    """Keeps a spool below its size limit while the destination does not take files.
+
+    :meth:`wait` is called before each train is written. Over the limit, the ``block`` policy
+    waits until stored files leave the spool (the input then backs up to the sender; ZeroMQ's
+    high-water mark pushes back), ``stop`` ends the run; either is logged as an error, again
+    every ``log_every`` seconds while it lasts.
+
+    Parameters
+    ----------
+    spool, limit
+        The spool and its limit in bytes (None: no limit, :meth:`wait` returns at once).
+    policy
+        ``"block"`` or ``"stop"``.
+    """
+
+    POLICIES = ("block", "stop")
+
+    def __init__(
+        self, spool: Spool, limit: int | None, policy: str = "block", *, log_every: float = 10.0
+    ) -> None:
+        if policy not in self.POLICIES:
+            raise ConfigError(
+                f"overflow must be one of {', '.join(self.POLICIES)}. Got {policy!r} instead.",
+                key="output.overflow",
+            )
+        self.spool, self.limit, self.policy = spool, limit, policy
+        self.log_every = log_every
+        self.blocked_s = 0.0
+        self.stopped = False
+        self._usage = (0.0, 0)  # (when, bytes) last seen, for the log lines
+
+    def full(self) -> bool:
+        """Whether the spool is at or above its limit (a few directory entries to look at)."""
+        if self.limit is None:
+            return False
+        used = self.spool.usage()
+        self._usage = (time.monotonic(), used)
+        return used >= self.limit
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Return once there is room (True), or False when the run must stop.
+
+        ``stop`` being set (the pipeline is shutting down) ends the wait as well: the trains
+        still queued are written, overshooting the limit by at most the queues' content.
+        """
+        if not self.full():
+            return True
+        what = self.spool.root
+        if self.policy == "stop":
+            if self.stopped:
+                return False
+            self.stopped = True
+            log.error(
+                "spool %s is full (%.2f GB of %.2f GB, output.spool_limit): the destination is "
+                "not taking files; stopping the run (output.overflow = stop)",
+                what, self._usage[1] / 1e9, self.limit / 1e9,
+            )
+            return False
+        t0 = next_log = time.monotonic()
+        while self.full() and not stop.is_set():
+            if time.monotonic() >= next_log:
+                log.error(
+                    "spool %s is full (%.2f GB of %.2f GB, output.spool_limit): the destination "
+                    "is not taking files; input blocked for %.0f s (output.overflow = block)",
+                    what, self._usage[1] / 1e9, self.limit / 1e9, time.monotonic() - t0,
+                )
+                next_log = time.monotonic() + self.log_every
+            stop.wait(0.2)
+        self.blocked_s += time.monotonic() - t0
+        if not stop.is_set():
+            log.warning("spool %s has room again after %.1f s; input resumes",
+                        what, time.monotonic() - t0)
+        return True
