@@ -39,6 +39,7 @@ from .ingest.assembler import AssembledTrain, TrainAssembler
 from .metrics import MetricsServer, RunSummary, Stats, StatusLine
 from .preview import PreviewPublisher
 from .queues import CLOSED, StageQueue
+from .startup import check_destination_writable, check_spool_space
 from .store import FileInfo, SequenceWriter, Spool, get_codec, open_destination, read_file_info
 
 __all__ = ["Pipeline"]
@@ -150,7 +151,11 @@ class Pipeline:
         for key in ("adc", "gain", "mask"):
             self.codecs.setdefault(key, get_codec("bitshuffle-lz4"))
         self.destination = open_destination(out.destination)
+        check_destination_writable(self.destination)
         self.spool = Spool(Path(out.spool))
+        check_spool_space(
+            Path(out.spool), self._slab_bytes() * out.trains_per_file
+        )
         if config.events.outbox:
             self.outbox = Outbox(config.events.outbox)
         else:
