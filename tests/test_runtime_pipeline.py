@@ -136,6 +136,7 @@ def test_prometheus_endpoint_during_a_run(make_config, constants_1cell):
     assert _value(text, "calstream_latency_seconds_count") >= 3
     assert 'calstream_queue_depth{queue="work"}' in text
     assert _value(text, "calstream_compression_ratio") > 1
+    assert _value(text, "calstream_train_ids_skipped_total") == 0
     assert "calstream_events_pending" in text
 
 

@@ -138,6 +138,8 @@ _COUNTERS: dict[str, tuple[str, str]] = {
     "trains_in": ("calstream_trains_in", "Trains accepted from the stream"),
     "bytes_in": ("calstream_bytes_in", "Raw array bytes accepted from the stream"),
     "trains_written": ("calstream_trains_written", "Trains written into files"),
+    "train_ids_skipped": ("calstream_train_ids_skipped",
+                          "Train ids never seen between accepted trains"),
     "frames_written": ("calstream_frames_written", "Frames written into files"),
     "bytes_written": ("calstream_bytes_written", "Compressed chunk bytes written"),
     "bytes_out": ("calstream_bytes_out", "Bytes of files stored at the destination"),

@@ -457,6 +457,7 @@ class Pipeline:
             max_jump=cfg.pipeline.max_train_jump,
         )
         accepted = 0
+        previous = [0]  # train id accepted last in this process
         last_data = time.monotonic()
         keep_going = threading.Event()
         keep_going.set()
@@ -472,6 +473,9 @@ class Pipeline:
                 if self._max_trains is not None and accepted >= self._max_trains:
                     return
                 work = self._accept(train)
+                if previous[0] and train.train_id > previous[0] + 1:
+                    self.stats.add("train_ids_skipped", train.train_id - previous[0] - 1)
+                previous[0] = train.train_id
                 accepted += 1
                 self.stats.add("trains_in")
                 self.stats.add("bytes_in", work.nbytes)
