@@ -34,8 +34,14 @@ from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfra
 from .config import Config
 from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, Outbox, build_storage_event
-from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
-from .ingest.assembler import AssembledTrain, TrainAssembler
+from .ingest import (
+    AssembledTrain,
+    JungfrauSimulation,
+    Receiver,
+    Sender,
+    TrainAssembler,
+    run_sender,
+)
 from .metrics import MetricsServer, RunSummary, Stats, StatusLine
 from .preview import PreviewPublisher
 from .queues import CLOSED, StageQueue
@@ -821,6 +827,7 @@ class Pipeline:
             )
             return
         self.stats.add("seconds_store", time.perf_counter() - t0)
+        self.stats.observe("stage_seconds", time.perf_counter() - t0, stage="store")
         self.stats.add("files_stored")
         self.stats.add("bytes_out", stored.size)
         self.stats.add("bytes_uncompressed", info.raw_bytes)
