@@ -291,6 +291,7 @@ class StatusLine:
         self._next = now + self.every
         self._last = (now, 0.0, 0.0, 0.0, 0.0)
         self._shown = False
+        self._width = 0
 
     def tick(self, now: float | None = None) -> None:
         """Show the status if it is due (cheap when it is not)."""
@@ -300,7 +301,9 @@ class StatusLine:
         self._next = now + self.every
         text = self.format(now)
         if self.mode == "line":
-            self.stream.write("\r" + text[:160].ljust(100))
+            # pad to the previous line's length so that no old characters stay behind
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
             self.stream.flush()
             self._shown = True
         else:
