@@ -63,6 +63,30 @@ def test_modules_from_two_endpoints_are_assembled_and_a_lost_part_is_a_gap(
     assert counts == {1: [1, 1, 1, 1, 1], 2: [1, 1, 0, 1, 1]}
 
 
+def test_a_silent_endpoint_costs_latency_not_trains(make_config, constants_1cell, tmp_path):
+    from extra_data import RunDirectory
+
+    sim = JungfrauSimulation(modules=(1,), cells=1, seed=6)
+    train_ids = [300, 301, 302]
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]  # nobody on the second
+    with Sender(endpoints[0], "push") as sender:
+        thread = threading.Thread(target=_send, args=(sender, map(sim.train, train_ids)),
+                                  daemon=True)
+        thread.start()
+        config = make_config(
+            constants_1cell, source__endpoints=endpoints, source__modules=[1, 2],
+            pipeline__assembly_timeout=0.3,
+        )
+        summary = Pipeline(config).run(max_trains=len(train_ids))
+        thread.join(timeout=30)
+    assert summary.trains == 3 and summary.problems == {"module_missing": 3}
+    validate(tmp_path / "data" / "r0001")
+    run = RunDirectory(tmp_path / "data" / "r0001")
+    assert list(run.train_ids) == train_ids
+    assert list(run["SPB_IRDA_JF4M/CORR/JNGFR01:output", "data.adc"].data_counts(
+        labelled=False)) == [1, 1, 1]
+
+
 @pytest.mark.parametrize("policy", ["drop-newest", "drop-oldest"])
 def test_input_faster_than_the_pipeline_drops_are_counted_with_train_ids(
     make_config, constants_1cell, port, tmp_path, caplog, policy
