@@ -219,3 +219,19 @@ def test_status_line_on_a_terminal_and_log_lines_otherwise(caplog):
         logged.tick(now=time.monotonic() + 6)
     assert plain.getvalue() == ""
     assert [r.getMessage() for r in caplog.records if "backlog 0/8" in r.getMessage()]
+
+
+def test_preview_thinning_one_in_n_and_at_most_k_hz():
+    from calstream.preview import PreviewPublisher
+
+    every = PreviewPublisher("tcp://127.0.0.1:*", every=3, max_rate=0)
+    limited = PreviewPublisher("tcp://127.0.0.1:*", "rep", every=1, max_rate=1.0)
+    try:
+        assert [every.wants(t) for t in range(7)] == [True, False, False, True, False, False,
+                                                     True]
+        assert [limited.wants(t) for t in range(3)] == [True, False, False]  # within 1 s
+        assert every.endpoint.startswith("tcp://127.0.0.1:")
+    finally:
+        every.close()
+        limited.close()
+        limited.close()  # safe twice

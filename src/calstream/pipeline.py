@@ -772,13 +772,7 @@ class Pipeline:
 
     def _publish_preview(self, result: TrainResult) -> None:
         assert self._preview is not None
-        sec, ns = divmod(result.timestamp_ns, 1_000_000_000)
-        stamp = {"timestamp.tid": result.train_id}
-        if result.timestamp_ns:
-            stamp |= {"timestamp": result.timestamp_ns / 1e9, "timestamp.sec": str(sec),
-                      "timestamp.frac": f"{ns * 10**9:018d}"}
-        metadata = {src: {"source": src, **stamp} for src in result.preview}
-        self._preview.publish(result.train_id, result.preview, metadata)
+        self._preview.publish(result.train_id, result.preview, timestamp_ns=result.timestamp_ns)
         self.stats.add("preview_sent")
         result.preview = {}
 

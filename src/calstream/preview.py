@@ -88,10 +88,19 @@ class PreviewPublisher:
             self._last_offer = now
             return True
 
-    def publish(self, train_id: int, data: dict[str, dict[str, Any]],
-                metadata: dict[str, dict[str, Any]]) -> None:
-        """Hand a corrected train over; it replaces one not yet sent (never blocks)."""
-        frames = encode(data, metadata)
+    def publish(self, train_id: int, data: dict[str, dict[str, Any]], *,
+                timestamp_ns: int = 0) -> None:
+        """Hand a corrected train over; it replaces one not yet sent (never blocks).
+
+        ``data`` is ``{source: {key: array}}``; the metadata is built as a Karabo bridge does
+        (``timestamp.tid``, and the timestamp keys when ``timestamp_ns`` is known).
+        """
+        stamp: dict[str, Any] = {"timestamp.tid": train_id}
+        if timestamp_ns:
+            sec, ns = divmod(timestamp_ns, 1_000_000_000)
+            stamp |= {"timestamp": timestamp_ns / 1e9, "timestamp.sec": str(sec),
+                      "timestamp.frac": f"{ns * 10**9:018d}"}
+        frames = encode(data, {src: {"source": src, **stamp} for src in data})
         with self._lock:
             self._latest = (train_id, frames)
             self._lock.notify_all()
