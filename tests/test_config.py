@@ -52,6 +52,16 @@ def test_config_is_frozen():
         ("[output]\nproposal = 5000000000\n", "output.proposal", "from 0 to 4294967295"),
         ("[source]\ndetector_id = 'SPB.JF'\n", "source.detector_id", "corrected source name"),
         ("[output]\ndetector_id = '../x'\n", "output.detector_id", "corrected source name"),
+        ("[pipeline]\noverflow = 'drop'\n", "pipeline.overflow", "'drop-oldest'"),
+        ("[pipeline]\nassembly_timeout = 0\n", "pipeline.assembly_timeout", "> 0"),
+        ("[source]\nendpoints = ['tcp://a:1', 'a:2']\n", "source.endpoints[1]", "ZeroMQ"),
+        ("[source]\nendpoints = ['tcp://a:1', 'tcp://a:1']\n", "source.endpoints",
+         "duplicates"),
+        ("[output]\naggregator = '../JF'\n", "output.aggregator", "a letter then"),
+        ("[metrics]\nport = 70000\n", "metrics.port", "0 (off) to 65535"),
+        ("[metrics]\nstatus = 'fancy'\n", "metrics.status", "must be one of"),
+        ("[preview]\nendpoint = 'localhost'\n", "preview.endpoint", "ZeroMQ endpoint"),
+        ("[preview]\nevery = 0\n", "preview.every", ">= 1"),
     ],
 )
 def test_errors_name_file_key_and_reason(tmp_path, text, key, reason):

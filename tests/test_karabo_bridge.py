@@ -377,6 +377,37 @@ def test_structured_garbage_raises_only_protocol_error(pairs):
     _decodes_or_protocol_error(frames)
 
 
+# msgpack headers that announce absurd lengths (array32, map32, bin32, str32, ext32) and deep
+# nesting: a decoder that trusted them would allocate gigabytes or recurse without end.
+_ABSURD = [b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff",
+           b"\xdb\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x01", b"\x91" * 100_000,
+           b"\x81\xa1a" * 50_000]
+_absurd_frame = st.builds(lambda head, tail: head + tail, st.sampled_from(_ABSURD),
+                          st.binary(max_size=32))
+_absurd_shape = st.lists(st.integers(2**20, 2**48), min_size=1, max_size=6).map(
+    lambda shape: pack({"source": SRC, "content": "array", "path": "a", "dtype": "<u2",
+                        "shape": shape}))
+
+
+@pytest.mark.timeout(120)  # a hang fails the test instead of stalling the suite
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_absurd_frame, _absurd_shape, _frame), min_size=1, max_size=6),
+       st.booleans())
+def test_absurd_sizes_allocate_nothing_big(frames, good_start):
+    import tracemalloc
+
+    if good_start:
+        frames = [HEADER, pack({"x": 1}), *frames]
+    tracemalloc.start()
+    try:
+        _decodes_or_protocol_error(frames)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Views on the frames, small dicts, error messages: never anything like the sizes claimed.
+    assert peak < 4 * sum(len(f) for f in frames) + (1 << 20)
+
+
 def test_public_names():
     import calstream.ingest as ingest
 

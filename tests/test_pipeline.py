@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -280,8 +281,9 @@ def test_slow_req_server_loses_no_train(make_config, constants_1cell, port, tmp_
 
 
 def test_bad_input_is_counted_and_good_data_keeps_flowing(make_config, constants_1cell, port,
-                                                          tmp_path):
+                                                          tmp_path, caplog):
     """Malformed trains and modules are rejected with a count; nothing malformed is written."""
+    import msgpack
     from extra_data import RunDirectory
     from extra_data.components import JUNGFRAU
 
@@ -295,6 +297,25 @@ def test_bad_input_is_counted_and_good_data_keeps_flowing(make_config, constants
         data = {source: {**data[source], **replace}}
         return data, meta
 
+    def with_sources(tid: int, *names: str):
+        data, meta = train(tid)
+        for name in names:  # sources that try to escape a path, or are just odd
+            data[name] = {"data.adc": np.zeros((1, 512, 1024), np.uint16)}
+            meta[name] = {**meta[source], "source": name}
+        return data, meta
+
+    header = msgpack.packb({"source": source, "content": "msgpack",
+                            "metadata": {"timestamp.tid": 1006}})
+    garbage = [
+        [b"\x00garbage", b"\xff"],                                 # not msgpack
+        [header, msgpack.packb({}), msgpack.packb(                  # truncated array buffer
+            {"source": source, "content": "array", "path": "data.adc", "dtype": "uint16",
+             "shape": [1, 512, 1024]}), b"\x00" * 1000],
+        [header, msgpack.packb({}), msgpack.packb(                  # absurd size
+            {"source": source, "content": "array", "path": "data.adc", "dtype": "uint16",
+             "shape": [2**40, 2**20]}), b""],
+        [msgpack.packb({"source": source, "content": "pickle"}), b""],  # unknown content
+    ]
     messages = [
         train(1001),
         train(0),                                                   # no valid train id
@@ -302,10 +323,21 @@ def test_bad_input_is_counted_and_good_data_keeps_flowing(make_config, constants
         train(1003, **{"data.frameNumber": np.zeros(3, np.uint64)}),  # wrong length
         train(1004, **{"data.adc": np.zeros((1, 512, 1024), np.float32)}),  # wrong dtype
         train(1000),                                                # backwards
+        train(1004),                                                # the same train again
         train(1005),
+        train(2**62),                                               # a corrupt train id
+        with_sources(1006, "../../evil", "/abs/evil", "odd\x00name:out", "SPB/DET/X:y"),
+        train(1007, **{"data.adc": np.zeros((2, 512, 1024), np.uint16)}),  # wrong shape
+        train(1008, **{"data.gain": np.zeros((1, 512, 1024), np.float32)}),  # wrong gain dtype
+        train(1009),
     ]
+
     def send_all(sender: Sender) -> None:
-        for data, meta in messages:
+        for data, meta in messages[:8]:
+            assert sender.send(data, meta, timeout=60)
+        for frames in garbage:
+            sender._socket.send_multipart(frames)
+        for data, meta in messages[8:]:
             assert sender.send(data, meta, timeout=60)
 
     # PUSH blocks until the pipeline connects, so the messages go out from a thread.
@@ -313,23 +345,40 @@ def test_bad_input_is_counted_and_good_data_keeps_flowing(make_config, constants
         thread = threading.Thread(target=send_all, args=(sender,), daemon=True)
         thread.start()
         config = make_config(constants_1cell)
-        summary = Pipeline(config).run(max_trains=5)
+        pipeline = Pipeline(config)
+        summary = pipeline.run(max_trains=9)
         thread.join(timeout=30)
 
-    assert summary.trains == 5
+    assert summary.trains == 9
     assert summary.problems == {
-        "rejected_messages": 1, "rejected_trains_backwards": 1, "module_rejected": 3,
+        "rejected_messages": 1 + len(garbage), "rejected_trains_backwards": 2,
+        "rejected_train_id_jump": 1, "module_rejected": 5, "ignored_sources": 4,
     }
+    # Every rejection names the source and the train where the message had one.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("train 1002" in e and source in e and "data.memoryCell" in e for e in errors)
+    assert any("train 1007" in e and "data.adc" in e for e in errors)
+    assert any("train 1006" in e and "data.adc" in e and "exceeds" in e for e in errors)
+    assert any("train 1004 rejected" in e for e in errors)
+    assert any(str(2**62) in e and "ahead" in e for e in errors)
+    assert any("pickle" in e for e in errors)
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "'../../evil'" in warnings and "'/abs/evil'" in warnings
+    assert pipeline.stats.labelled()["rejected", (("reason", "unknown-source"),)] == 4
     run_dir = tmp_path / "data" / "r0001"
     validate(run_dir)
     run = RunDirectory(run_dir)
-    assert list(run.train_ids) == [1001, 1002, 1003, 1004, 1005]
-    # Only the two good trains carry data; the others are recorded as gaps (count 0).
+    assert list(run.train_ids) == [1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009]
+    # Only the good trains carry data; the others are recorded as gaps (count 0).
     counts = run["SPB_IRDA_JF4M/CORR/JNGFR01:output", "data.adc"].data_counts(labelled=False)
-    assert list(counts) == [1, 0, 0, 0, 1]
+    assert list(counts) == [1, 0, 0, 0, 1, 1, 0, 0, 1]
     adc = JUNGFRAU(run).get_array("data.adc")
-    assert adc.shape[1:] == (2, 1, 512, 1024)  # EXtra-data leaves out trains without data
-    assert list(adc.coords["train"].values) == [1001, 1005]
+    assert adc.shape[1:] == (4, 1, 512, 1024)  # EXtra-data leaves out trains without data
+    assert list(adc.coords["train"].values) == [1001, 1005, 1006, 1009]
+    assert run.all_sources == {"SPB_IRDA_JF4M/CORR/JNGFR01:output"}
+    # Nothing escaped: every file under tmp_path is where it belongs.
+    names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert not any("evil" in n or "odd" in n for n in names)
 
 
 def test_restarted_run_continues_after_its_trains(make_config, constants_1cell, tmp_path):

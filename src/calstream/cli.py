@@ -21,6 +21,7 @@ log = logging.getLogger("calstream")
 
 EXIT_ERROR = 2
 EXIT_UNSTORED = 3
+EXIT_DRAIN_TIMEOUT = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +147,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     pipeline = Pipeline(config)
-    _install_signal_handlers(pipeline.stop)
+    _install_signal_handlers(pipeline.stop, config.pipeline.drain_timeout)
     summary = pipeline.run(max_trains=args.max_trains)
     print(summary.format())
     if summary.unstored_files:
@@ -158,20 +159,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_signal_handlers(stop: Any) -> None:
+def _install_signal_handlers(stop: Any, drain_timeout: float | None = None) -> None:
+    """SIGINT/SIGTERM: ``stop()`` and let the pipeline drain; a second signal, or a drain
+    longer than ``drain_timeout`` seconds, exits at once.
+
+    Exiting at once leaves nothing half-done where a consumer could see it: open files stay in
+    the spool's ``building/`` (moved to ``failed/`` at the next start), a copy in progress
+    only ever has a hidden ``.part`` name at the destination, and the outbox is a SQLite
+    transaction log.
+    """
     if threading.current_thread() is not threading.main_thread():
         return
     received = []
 
+    def hard_exit(code: int, why: str) -> None:
+        log.error("%s: exiting now; open files stay in the spool for the next start", why)
+        logging.shutdown()
+        os._exit(code)
+
     def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if received:
-            log.error("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(128 + signum)
+            hard_exit(128 + signum, f"second {name}")
         received.append(signum)
         log.warning(
-            "%s: stopping; draining queues and storing open files (again to exit at once)",
-            signal.Signals(signum).name,
+            "%s: stopping; draining queues and storing open files (again to exit at once%s)",
+            name, f"; at most {drain_timeout:g} s" if drain_timeout else "",
         )
+        if drain_timeout:
+            timer = threading.Timer(
+                drain_timeout, hard_exit,
+                (EXIT_DRAIN_TIMEOUT, f"draining took longer than {drain_timeout:g} s "
+                 "(pipeline.drain_timeout)"),
+            )
+            timer.daemon = True
+            timer.start()
         stop()
 
     signal.signal(signal.SIGINT, handler)

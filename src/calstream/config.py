@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -25,8 +26,10 @@ __all__ = [
     "Config",
     "EventsConfig",
     "KafkaConfig",
+    "MetricsConfig",
     "OutputConfig",
     "PipelineConfig",
+    "PreviewConfig",
     "ShipConfig",
     "SimulateConfig",
     "SourceConfig",
@@ -44,10 +47,20 @@ class PipelineConfig:
     workers: int = 2
     queue_size: int = 4
     log_every: float = 5.0
+    overflow: Literal["block", "drop-oldest", "drop-newest"] = "block"
+    assembly_timeout: float = 1.0
+    max_train_jump: int = 1_000_000
+    drain_timeout: float = 60.0
 
     def check(self) -> None:
         _require(self.workers >= 1, "workers", f"must be >= 1. Got {self.workers} instead.")
         _require(self.queue_size >= 1, "queue_size", f"must be >= 1. Got {self.queue_size}.")
+        _require(self.assembly_timeout > 0, "assembly_timeout",
+                 f"must be > 0 seconds. Got {self.assembly_timeout}.")
+        _require(self.max_train_jump >= 0, "max_train_jump",
+                 f"must be >= 0 (0: any jump is accepted). Got {self.max_train_jump}.")
+        _require(self.drain_timeout > 0, "drain_timeout",
+                 f"must be > 0 seconds. Got {self.drain_timeout}.")
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class SourceConfig:
     """Where the raw detector stream comes from and what it contains."""
 
     endpoint: str = "tcp://127.0.0.1:45454"
+    endpoints: tuple[str, ...] = ()
     pattern: Literal["pull", "sub", "req"] = "pull"
     bind: bool = False
     detector: Literal["jungfrau"] = "jungfrau"
@@ -70,6 +84,14 @@ class SourceConfig:
             "endpoint",
             f"must be a ZeroMQ endpoint like 'tcp://host:port'. Got {self.endpoint!r}.",
         )
+        for i, endpoint in enumerate(self.endpoints):
+            _require(
+                endpoint.startswith(("tcp://", "ipc://", "inproc://")),
+                f"endpoints[{i}]",
+                f"must be a ZeroMQ endpoint like 'tcp://host:port'. Got {endpoint!r}.",
+            )
+        _require(len(set(self.all_endpoints)) == len(self.all_endpoints), "endpoints",
+                 "has duplicates")
         _require(len(self.modules) > 0, "modules", "must name at least one module")
         _require(
             all(1 <= m <= 99 for m in self.modules),
@@ -85,6 +107,11 @@ class SourceConfig:
                 f"must be a template using {{detector_id}} and {{module}}: {exc}",
                 key="input_source",
             ) from exc
+
+    @property
+    def all_endpoints(self) -> tuple[str, ...]:
+        """The endpoints to receive from: ``endpoints``, or ``endpoint`` when that is empty."""
+        return self.endpoints or (self.endpoint,)
 
     def source_name(self, module: int) -> str:
         """Input source name of one module."""
@@ -124,6 +151,7 @@ class OutputConfig:
     proposal: int = 900000
     trains_per_file: int = 50
     detector_id: str = ""
+    aggregator: str = "JNGFR"
     compression: Mapping[str, str] = field(
         default_factory=lambda: {
             "adc": "bitshuffle-lz4",
@@ -180,6 +208,11 @@ class OutputConfig:
             self.trains_per_file >= 1,
             "trains_per_file",
             f"must be >= 1. Got {self.trains_per_file}.",
+        )
+        _require(
+            bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,15}", self.aggregator)),
+            "aggregator",
+            f"must be a letter then up to 15 letters or digits. Got {self.aggregator!r}.",
         )
         unknown = set(self.compression) - {"adc", "gain", "mask"}
         _require(
@@ -357,6 +390,39 @@ class ShipConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus endpoint and the status line."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    status: Literal["auto", "line", "log", "off"] = "auto"
+
+    def check(self) -> None:
+        _require(0 <= self.port <= 65535, "port",
+                 f"must be from 0 (off) to 65535. Got {self.port}.")
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """Re-publishing some corrected trains on a Karabo Bridge endpoint for live viewers."""
+
+    endpoint: str = ""
+    pattern: Literal["pub", "rep"] = "pub"
+    every: int = 10
+    max_rate: float = 2.0
+
+    def check(self) -> None:
+        _require(
+            not self.endpoint or self.endpoint.startswith(("tcp://", "ipc://", "inproc://")),
+            "endpoint",
+            f"must be empty (off) or a ZeroMQ endpoint like 'tcp://*:4600'. Got {self.endpoint!r}.",
+        )
+        _require(self.every >= 1, "every", f"must be >= 1 (1: every train). Got {self.every}.")
+        _require(self.max_rate >= 0, "max_rate", f"must be >= 0 Hz (0: no limit). Got "
+                 f"{self.max_rate}.")
+
+
+@dataclass(frozen=True)
 class SimulateConfig:
     """An in-process sender for demos and tests (off for a real detector)."""
 
@@ -385,6 +451,8 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     ship: ShipConfig = field(default_factory=ShipConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     path: str = EMBEDDED
 
     @property
@@ -424,6 +492,8 @@ _SECTIONS: dict[str, type] = {
     "events": EventsConfig,
     "simulate": SimulateConfig,
     "ship": ShipConfig,
+    "metrics": MetricsConfig,
+    "preview": PreviewConfig,
 }
 
 

@@ -2,14 +2,20 @@
 
 Threads and the bounded queues between them::
 
-    receiver ──work──► workers (N) ──results──► writer ──files──► storer
-    decode, check      correct + compress        reorder by train,   destination,
-    module data        chunks (GIL released)     append chunks,      outbox, spool
-                                                 roll over files     clean-up
+    receivers ──parts──► assembler ──work──► workers (N) ──results──► writer ──files──► storer
+    1 per endpoint,      main thread:        correct +        reorder,          destination,
+    decode               group by train,     compress         append chunks,    outbox, spool
+                         check module data   (GIL released)   roll over files   clean-up
 
-Every accepted train gets a sequence number; the writer puts results back in that order, so
-the files' train ids always increase whatever order the workers finish in. A module whose data
-is missing or malformed in a train is written as a gap (INDEX count 0), counted and logged.
+``parts`` and ``work`` are :class:`~calstream.queues.StageQueue` s with the configured overflow
+policy (``pipeline.overflow``: block, drop-oldest, drop-newest); every drop is counted and
+logged with its train id. ``results`` is bounded by the slab pool, the assembler by its
+``max_pending``, the sockets by their high-water marks: memory stays bounded at any input rate.
+
+Trains are numbered as they leave the work queue; the writer puts results back in that order,
+so the files' train ids always increase whatever order the workers finish in. A module whose
+data is missing (the assembler waited ``pipeline.assembly_timeout`` for it) or malformed in a
+train is written as a gap (INDEX count 0), counted and logged.
 """
 
 from __future__ import annotations
@@ -28,8 +34,18 @@ from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfra
 from .config import Config
 from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
-from .ingest import JungfrauSimulation, Receiver, Sender, run_sender
-from .metrics import RunSummary, Stats
+from .ingest import (
+    AssembledTrain,
+    JungfrauSimulation,
+    Receiver,
+    Sender,
+    TrainAssembler,
+    run_sender,
+)
+from .metrics import MetricsServer, RunSummary, Stats, StatusLine
+from .preview import PreviewPublisher
+from .queues import CLOSED, StageQueue
+from .startup import check_destination_writable, check_spool_space
 from .store import (
     FileInfo,
     SequenceWriter,
@@ -62,12 +78,22 @@ class ModuleInput:
 
 
 @dataclass
+class _Part:
+    """One received message, before assembly."""
+
+    endpoint: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+@dataclass
 class TrainWork:
     seq: int
     train_id: int
     timestamp_ns: int
     modules: dict[int, ModuleInput]
     nbytes: int
+    received: float = 0.0
 
 
 @dataclass
@@ -79,6 +105,8 @@ class TrainResult:
     chunks: dict[int, dict[str, list[np.ndarray]]] = field(default_factory=dict)
     small: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     frames: int = 0
+    received: float = 0.0
+    preview: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class SlabPool:
@@ -91,6 +119,7 @@ class SlabPool:
     """
 
     def __init__(self, count: int, nbytes: int) -> None:
+        self.count = count
         self.nbytes = nbytes
         self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for _ in range(count):
@@ -122,6 +151,11 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._max_trains: int | None = None
         self._errors: list[BaseException] = []
+        self._receiving = threading.Event()
+        self._unknown_sources: set[str] = set()
+        self._preview: PreviewPublisher | None = None
+        self._assembler: TrainAssembler | None = None
+        self._queues: dict[str, Any] = {}
         self.name = config.pipeline.name
 
         # Constants first: a missing or mis-shaped constant is the likeliest start-up error,
@@ -132,8 +166,12 @@ class Pipeline:
         for key in ("adc", "gain", "mask"):
             self.codecs.setdefault(key, parse_codec("bitshuffle-lz4"))
         self.destination = open_destination(out.destination, out.webdav_settings())
+        check_destination_writable(self.destination)
         self.spool = Spool(Path(out.spool), retention=out.retention)
         self.spool_limit = SpoolLimit(self.spool, out.spool_limit_bytes, out.overflow)
+        check_spool_space(
+            Path(out.spool), self._slab_bytes() * out.trains_per_file
+        )
         if config.events.outbox:
             self.outbox = Outbox(config.events.outbox)
         else:
@@ -205,11 +243,19 @@ class Pipeline:
         for corrector in self.correctors.values():
             corrector.warmup()
 
-        work_q: queue.Queue[Any] = queue.Queue(maxsize=cfg.pipeline.queue_size)
+        endpoints = cfg.source.all_endpoints
+        policy = cfg.pipeline.overflow
+        parts_q: StageQueue[_Part] = StageQueue(
+            cfg.pipeline.queue_size * len(endpoints), policy, on_drop=self._dropped
+        )
+        work_q: StageQueue[TrainWork] = StageQueue(
+            cfg.pipeline.queue_size, policy, on_drop=self._dropped
+        )
         # Bounded by the slab pool: a worker needs a free slab before it takes on a train.
         result_q: queue.Queue[Any] = queue.Queue()
         self._slabs = SlabPool(2 * cfg.pipeline.workers + 2, self._slab_bytes())
         file_q: queue.Queue[Any] = queue.Queue()
+        self._queues = {"parts": parts_q, "work": work_q, "results": result_q, "files": file_q}
 
         recovered = self.spool.recover()
         # Train ids this run already has in earlier sequence files: writing them again would
@@ -228,11 +274,34 @@ class Pipeline:
             file_q.put(info)
         self._train_floor = floor
 
-        receiver = Receiver(cfg.source.endpoint, cfg.source.pattern, bind=cfg.source.bind)
+        receivers: list[Receiver] = []
+        services: list[Any] = []
+        try:
+            for endpoint in endpoints:
+                receivers.append(Receiver(
+                    endpoint, cfg.source.pattern, bind=cfg.source.bind,
+                    max_array_bytes=self._max_array_bytes(),
+                ))
+            if cfg.metrics.port:
+                services.append(MetricsServer(self.stats, self._gauges,
+                                              port=cfg.metrics.port, host=cfg.metrics.host))
+            if cfg.preview.endpoint:
+                self._preview = PreviewPublisher(
+                    cfg.preview.endpoint, cfg.preview.pattern, every=cfg.preview.every,
+                    max_rate=cfg.preview.max_rate,
+                )
+                services.append(self._preview)
+        except BaseException:
+            for item in [*receivers, *services]:
+                item.close()
+            raise
+        self._status = StatusLine(
+            self.name, self.stats, self._backlog, mode=cfg.metrics.status,
+            log_every=cfg.pipeline.log_every,
+        )
         sender_thread = self._start_simulation(floor) if cfg.simulate.enabled else None
 
         started = time.monotonic()
-        self._last_status = (started, 0)
         if self.publisher is not None:
             self.publisher.start()  # returns at once; events wait in the outbox for the broker
         # Several storers: uploads to a WebDAV door overlap (each waits on the network).
@@ -241,15 +310,20 @@ class Pipeline:
         self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
         for i in range(cfg.pipeline.workers):
             self._spawn(f"worker-{i}", self._work_loop, work_q, result_q)
+        self._receiving.set()
+        receiver_threads = [
+            self._spawn(f"receiver-{i}", self._receive_loop, i, receiver, parts_q)
+            for i, receiver in enumerate(receivers)
+        ]
         try:
-            self._receive_loop(receiver, work_q, sender_thread)
+            self._assemble_loop(parts_q, work_q, sender_thread)
         finally:
-            receiver.close()
-            try:
-                for _ in range(cfg.pipeline.workers):
-                    self._put(work_q, _STOP)
-            except RuntimeError:
-                pass  # a thread failed: the others see self._failed and stop
+            self._receiving.clear()
+            for thread in receiver_threads:
+                thread.join()
+            for receiver in receivers:
+                receiver.close()
+            work_q.close()  # workers drain it, then stop
             for thread in self._threads:
                 while thread.is_alive():
                     thread.join(0.5)
@@ -258,6 +332,9 @@ class Pipeline:
                 sender_thread.join(timeout=5)
             if self.publisher is not None:
                 self._stop_publisher(self.publisher)
+            self._status.close()
+            for service in services:
+                service.close()
             self.outbox.close()
             close = getattr(self.destination, "close", None)
             if close is not None:
@@ -267,15 +344,38 @@ class Pipeline:
             raise self._errors[0]
         return self._summary(seconds)
 
-    def _put(self, q: queue.Queue[Any], item: Any) -> None:
-        """Put into a bounded queue, but give up if a pipeline thread has failed."""
+    def _offer(self, q: StageQueue[Any], item: Any, keep_going: threading.Event) -> bool:
+        """Put into a stage queue; with ``block``, wait while ``keep_going`` and no thread failed.
+
+        Returns False when the item did not go in (dropped by the policy, or given up on).
+        """
         while True:
-            try:
-                q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if self._failed.is_set():
-                    raise RuntimeError("a pipeline thread failed; see the log") from None
+            if q.put(item, timeout=0.5):
+                return True
+            if q.policy != "block":
+                return False  # dropped; on_drop counted and logged it
+            if self._failed.is_set() or not keep_going.is_set():
+                return False
+
+    def _dropped(self, item: Any, reason: str) -> None:
+        """A stage queue's overflow policy dropped ``item``: count it and say which train."""
+        policy = self.config.pipeline.overflow
+        if isinstance(item, _Part):
+            train_id, what, queue_name = _train_id(item.metadata), "parts", "parts"
+            sources = sorted(item.data)
+        else:
+            train_id, what, queue_name = item.train_id, "trains", "work"
+            sources = [self.config.source.source_name(m) for m in item.modules]
+        self.stats.add(f"dropped_{what}")
+        self.stats.add("dropped", queue=queue_name, reason=policy)
+        log.warning("%s: train %s dropped (%s queue full, pipeline.overflow = %s; sources %s)",
+                    self.name, train_id, queue_name, policy, ", ".join(sources) or "none")
+
+    def _reject(self, counter: str, reason: str, message: str, *args: Any) -> None:
+        """Count one piece of unusable input (``counter`` and ``rejected{reason}``) and log it."""
+        self.stats.add(counter)
+        self.stats.add("rejected", reason=reason)
+        log.error("%s: " + message, self.name, *args)
 
     def _get(self, q: queue.Queue[Any] | SlabPool) -> Any:
         """Take from a queue; ``_STOP`` once a pipeline thread has failed."""
@@ -286,7 +386,18 @@ class Pipeline:
                 if self._failed.is_set():
                     return _STOP
 
-    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+    def _get_work(self, q: StageQueue[TrainWork]) -> Any:
+        """``(seq, work)`` from the work queue; ``_STOP`` once it is closed or a thread failed."""
+        while True:
+            item = q.get(timeout=0.5)
+            if item is CLOSED:
+                return _STOP
+            if item is not None:
+                return item
+            if self._failed.is_set():
+                return _STOP
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> threading.Thread:
         def guarded() -> None:
             try:
                 target(*args)
@@ -299,6 +410,7 @@ class Pipeline:
         thread = threading.Thread(target=guarded, name=f"calstream-{name}", daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     def _start_simulation(self, floor: int) -> threading.Thread:
         cfg = self.config
@@ -338,91 +450,152 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def _receive_loop(
+    def _max_array_bytes(self) -> int:
+        """Largest array the decoder accepts: a module's data, with room for other sources."""
+        module = self.config.calibration.cells * int(np.prod(FRAME_SHAPE)) * 2
+        return max(4 * module, 64 << 20)
+
+    def _receive_loop(self, index: int, receiver: Receiver, parts_q: StageQueue[_Part]) -> None:
+        endpoint = receiver.endpoint
+        while self._receiving.is_set():
+            try:
+                message = receiver.receive(timeout=0.2)
+            except ProtocolError as exc:
+                self._reject("rejected_messages", "malformed",
+                             "rejected message from %s: %s", endpoint, exc)
+                continue
+            if message is None:
+                continue
+            data, metadata = message
+            self._offer(parts_q, _Part(index, data, metadata), self._receiving)
+
+    def _assemble_loop(
         self,
-        receiver: Receiver,
-        work_q: queue.Queue[Any],
+        parts_q: StageQueue[_Part],
+        work_q: StageQueue[TrainWork],
         sender_thread: threading.Thread | None = None,
     ) -> None:
         cfg = self.config
         idle = cfg.source.idle_timeout
-        seq = 0
-        last_train: int | None = self._train_floor or None
+        assembler = self._assembler = TrainAssembler(
+            [cfg.source.source_name(m) for m in cfg.source.modules],
+            n_endpoints=len(cfg.source.all_endpoints),
+            timeout=cfg.pipeline.assembly_timeout,
+            max_pending=2 * cfg.pipeline.queue_size + 2,
+            floor=self._train_floor,
+            max_jump=cfg.pipeline.max_train_jump,
+        )
+        accepted = 0
+        previous = [0]  # train id accepted last in this process
         last_data = time.monotonic()
-        next_status = time.monotonic() + cfg.pipeline.log_every
+        keep_going = threading.Event()
+        keep_going.set()
         log.info(
             "%s: receiving %s (%s) for modules %s",
-            self.name, cfg.source.endpoint, cfg.source.pattern, list(cfg.source.modules),
+            self.name, ", ".join(cfg.source.all_endpoints), cfg.source.pattern,
+            list(cfg.source.modules),
         )
+
+        def submit(trains: list[AssembledTrain]) -> None:
+            nonlocal accepted
+            for train in trains:
+                if self._max_trains is not None and accepted >= self._max_trains:
+                    return
+                work = self._accept(train)
+                if previous[0] and train.train_id > previous[0] + 1:
+                    self.stats.add("train_ids_skipped", train.train_id - previous[0] - 1)
+                previous[0] = train.train_id
+                accepted += 1
+                self.stats.add("trains_in")
+                self.stats.add("bytes_in", work.nbytes)
+                self._offer(work_q, work, keep_going)
+
         while not self._stop.is_set():
-            if self._max_trains is not None and seq >= self._max_trains:
+            if self._max_trains is not None and accepted >= self._max_trains:
                 break
+            self._status.tick()
+            item = parts_q.get(timeout=0.1)
             now = time.monotonic()
-            if now >= next_status:
-                self._log_status(work_q)
-                next_status = now + cfg.pipeline.log_every
-            try:
-                message = receiver.receive(timeout=0.2)
-            except ProtocolError as exc:
-                self.stats.add("rejected_messages")
-                log.error("%s: rejected message: %s", self.name, exc)
-                continue
-            if message is None:
-                quiet = time.monotonic() - last_data
-                if idle and seq and quiet > idle:
+            if item is None or item is CLOSED:
+                submit(assembler.expire(now))
+                quiet = now - last_data
+                if idle and accepted and quiet > idle:
                     log.info("%s: no data for %.1f s, stopping", self.name, idle)
                     break
                 if sender_thread is not None and not sender_thread.is_alive() and quiet > 2.0:
                     log.info("%s: the simulation has finished; stopping", self.name)
                     break
                 continue
-            last_data = time.monotonic()
-            data, metadata = message
-            work = self._accept(seq, data, metadata, last_train)
-            if work is None:
-                continue
-            last_train = work.train_id
-            seq += 1
-            self.stats.add("trains_in")
-            self.stats.add("bytes_in", work.nbytes)
-            self._put(work_q, work)
+            last_data = now
+            submit(self._assemble(assembler, item[1], now))
+        # The stream has ended: trains still waiting for parts go on with what they have.
+        if not self._failed.is_set():
+            submit(assembler.flush())
 
-    def _accept(
-        self, seq: int, data: dict[str, Any], metadata: dict[str, Any], last_train: int | None
-    ) -> TrainWork | None:
-        cfg = self.config
-        train_id = _train_id(metadata)
+    def _assemble(
+        self, assembler: TrainAssembler, part: _Part, now: float
+    ) -> list[AssembledTrain]:
+        train_id = _train_id(part.metadata)
         if not train_id:
-            self.stats.add("rejected_messages")
-            log.error("%s: rejected message without a valid timestamp.tid (%r; sources %s)",
-                      self.name, train_id, sorted(data))
-            return None
-        if last_train is not None and train_id <= last_train:
-            self.stats.add("rejected_trains_backwards")
-            log.error(
-                "%s: train %d rejected: train ids must increase (last written %d%s)",
-                self.name, train_id, last_train,
-                f" in run {cfg.output.run}" if last_train == self._train_floor else "",
-            )
-            return None
+            self._reject("rejected_messages", "no-train-id",
+                         "rejected message without a valid timestamp.tid (%r; sources %s)",
+                         train_id, sorted(part.data))
+            return assembler.expire(now)
+        ready, rejections = assembler.add(part.endpoint, train_id, part.data, part.metadata, now)
+        for r in rejections:
+            sources = ", ".join(repr(s) for s in r.sources)
+            if r.reason == "backwards":
+                floor = assembler.last_emitted == self._train_floor
+                self._reject(
+                    "rejected_trains_backwards", r.reason,
+                    "train %d rejected: train ids must increase (last written %d%s)",
+                    train_id, assembler.last_emitted,
+                    f" in run {self.config.output.run}" if floor else "",
+                )
+            elif r.reason == "jump":
+                self._reject("rejected_train_id_jump", r.reason,
+                             "train %d from %s rejected: %s", train_id, sources, r.detail)
+            elif r.reason == "duplicate":
+                self._reject("rejected_duplicates", r.reason, "train %d: %s %s",
+                             train_id, sources, r.detail)
+            else:
+                # Not ours (another detector's source, or a name trying to escape a path):
+                # never written; logged once per name so that a busy stream cannot flood.
+                self.stats.add("ignored_sources", len(r.sources))
+                self.stats.add("rejected", len(r.sources), reason=r.reason)
+                new = [s for s in r.sources if s not in self._unknown_sources]
+                if new:
+                    self._unknown_sources.update(new)
+                    log.warning("%s: train %d: ignoring source(s) %s: %s (logged once)",
+                                self.name, train_id, ", ".join(repr(s) for s in new), r.detail)
+        return ready
+
+    def _accept(self, train: AssembledTrain) -> TrainWork:
+        cfg = self.config
+        train_id = train.train_id
         modules: dict[int, ModuleInput] = {}
         nbytes = 0
         for module in cfg.source.modules:
             source = cfg.source.source_name(module)
-            if source not in data:
+            if source not in train.data:
                 self.stats.add("module_missing")
-                log.warning("%s: train %d has no data from %s", self.name, train_id, source)
+                log.warning("%s: train %d has no data from %s%s", self.name, train_id, source,
+                            " (written as a gap)")
                 continue
             try:
-                item = self._module_input(source, train_id, data[source])
+                item = self._module_input(source, train_id, train.data[source])
             except DataError as exc:
                 self.stats.add("module_rejected")
+                self.stats.add("rejected", reason="module-data")
                 log.error("%s: %s", self.name, exc)
                 continue
             modules[module] = item
-            nbytes += item.adc.nbytes + (item.gain.nbytes if item.gain is not None else 0)
-        timestamp_ns = _timestamp_ns(metadata)
-        return TrainWork(seq, train_id, timestamp_ns, modules, nbytes)
+            size = item.adc.nbytes + (item.gain.nbytes if item.gain is not None else 0)
+            nbytes += size
+            self.stats.add("source_trains_in", source=source)
+            self.stats.add("source_bytes_in", size, source=source)
+        timestamp_ns = _timestamp_ns(train.metadata)
+        return TrainWork(-1, train_id, timestamp_ns, modules, nbytes, received=train.first_seen)
 
     def _module_input(self, source: str, train_id: int, values: dict[str, Any]) -> ModuleInput:
         cells = self.config.calibration.cells
@@ -484,10 +657,12 @@ class Pipeline:
                 slab = self._get(self._slabs)
                 if slab is _STOP:
                     return
-                work = self._get(work_q)
-                if work is _STOP:
+                item = self._get_work(work_q)
+                if item is _STOP:
                     self._slabs.put(slab)
                     return
+                seq, work = item
+                work.seq = seq
                 result_q.put(self._process(work, slab, buffers))
         finally:
             result_q.put(_STOP)  # always, or the writer would wait for this worker forever
@@ -497,7 +672,11 @@ class Pipeline:
     ) -> TrainResult:
         """Correct and compress one train's modules into ``slab``."""
         cells = self.config.calibration.cells
-        result = TrainResult(work.seq, work.train_id, work.timestamp_ns, slab)
+        result = TrainResult(work.seq, work.train_id, work.timestamp_ns, slab,
+                             received=work.received)
+        # A few trains are copied for the live preview (the buffers are reused at once).
+        preview = self._preview is not None and bool(work.modules) and self._preview.wants(
+            work.train_id)
         used = 0
         for module, item in work.modules.items():
             source = self.config.source.source_name(module)
@@ -529,6 +708,14 @@ class Pipeline:
                 log.exception("%s: %s train %d failed", self.name, source, work.train_id)
                 continue
             t2 = time.perf_counter()
+            if preview:
+                result.preview[self.config.output_source(module)] = {
+                    "data.adc": buffers["adc"].copy(),
+                    "data.gain": buffers["gain"].copy(),
+                    "data.mask": buffers["mask"].copy(),
+                    "data.memoryCell": item.memory_cell,
+                    "data.frameNumber": item.frame_number,
+                }
             result.chunks[module] = chunks
             result.small[module] = {
                 "memoryCell": item.memory_cell,
@@ -537,6 +724,8 @@ class Pipeline:
             result.frames += cells
             self.stats.add("seconds_correct", t1 - t0)
             self.stats.add("seconds_compress", t2 - t1)
+            self.stats.observe("stage_seconds", t1 - t0, stage="correct")
+            self.stats.observe("stage_seconds", t2 - t1, stage="compress")
         return result
 
     def _write_loop(
@@ -550,7 +739,7 @@ class Pipeline:
                 proposal=cfg.output.proposal,
                 detector="jungfrau",
                 module=module,
-                aggregator="JNGFR",
+                aggregator=cfg.output.aggregator,
                 source=cfg.output_source(module),
                 cells=cfg.calibration.cells,
                 codecs=self.codecs,
@@ -588,9 +777,15 @@ class Pipeline:
                     finally:
                         result.chunks.clear()  # no views of the slab may outlive it
                         self._slabs.put(result.slab)
-                    self.stats.add("seconds_write", time.perf_counter() - t0)
+                    t1 = time.perf_counter()
+                    self.stats.add("seconds_write", t1 - t0)
+                    self.stats.observe("stage_seconds", t1 - t0, stage="write")
+                    if result.received:
+                        self.stats.observe("latency_seconds", time.monotonic() - result.received)
                     self.stats.add("trains_written")
                     self.stats.add("frames_written", result.frames)
+                    if result.preview and self._preview is not None:
+                        self._publish_preview(result)
         finally:
             try:
                 for module, writer in writers.items():
@@ -605,6 +800,12 @@ class Pipeline:
                         file_q.put(info)
             finally:
                 file_q.put(_STOP)
+
+    def _publish_preview(self, result: TrainResult) -> None:
+        assert self._preview is not None
+        self._preview.publish(result.train_id, result.preview, timestamp_ns=result.timestamp_ns)
+        self.stats.add("preview_sent")
+        result.preview = {}
 
     def _write_module(
         self, writer: SequenceWriter, module: int, result: TrainResult, file_q: queue.Queue[Any]
@@ -621,6 +822,13 @@ class Pipeline:
             log.error("%s: module %d train %d not written: %s",
                       self.name, module, result.train_id, exc)
             return
+        chunks = result.chunks.get(module)
+        if chunks:
+            source = writer.source
+            self.stats.add("source_trains_out", source=source)
+            size = sum(c.nbytes for bufs in chunks.values() for c in bufs)
+            self.stats.add("bytes_written", size)
+            self.stats.add("source_bytes_out", size, source=source)
         for info in closed:
             file_q.put(info)
 
@@ -645,6 +853,7 @@ class Pipeline:
             )
             return
         self.stats.add("seconds_store", time.perf_counter() - t0)
+        self.stats.observe("stage_seconds", time.perf_counter() - t0, stage="store")
         self.stats.add("files_stored")
         self.stats.add("bytes_out", stored.size)
         self.stats.add("bytes_uncompressed", info.raw_bytes)
@@ -676,31 +885,40 @@ class Pipeline:
 
     # -- reporting ----------------------------------------------------------------------------
 
-    def _log_status(self, work_q: queue.Queue[Any]) -> None:
+    def _backlog(self) -> tuple[int, int]:
+        """Trains waiting for a worker or the writer, and how many may wait."""
+        q = self._queues
+        waiting = len(q["work"]) + q["results"].qsize()
+        waiting += len(self._assembler) if self._assembler is not None else 0
+        return waiting, self.config.pipeline.queue_size + self._slabs.count
+
+    def _gauges(self) -> dict[str, Any]:
+        """Sampled at each Prometheus scrape."""
+        q = self._queues
         s = self.stats.snapshot()
-        now = time.monotonic()
-        last_time, last_bytes = self._last_status
-        self._last_status = (now, s.get("bytes_in", 0))
-        backlog = f", {self.publisher.pending()} events wait for Kafka" if (
-            self.publisher is not None and self.publisher.pending()) else ""
-        log.info(
-            "%s: %d trains in (%.2f GB/s), %d written, %d files stored, queue %d/%d%s",
-            self.name,
-            s.get("trains_in", 0),
-            (s.get("bytes_in", 0) - last_bytes) / max(now - last_time, 1e-9) / 1e9,
-            s.get("trains_written", 0),
-            s.get("files_stored", 0),
-            work_q.qsize(),
-            self.config.pipeline.queue_size,
-            backlog,
-        )
+        try:
+            events_pending = self.outbox.counts().get("pending", 0)
+        except CalstreamError:
+            events_pending = float("nan")  # e.g. closed at the end of the run
+        out = s.get("bytes_out", 0)
+        return {
+            "queue_depth": {"parts": len(q["parts"]), "work": len(q["work"]),
+                            "results": q["results"].qsize(), "files": q["files"].qsize(),
+                            "assembly": len(self._assembler) if self._assembler else 0},
+            "queue_capacity": {"parts": q["parts"].maxsize, "work": q["work"].maxsize,
+                               "results": self._slabs.count},
+            "files_pending": q["files"].qsize(),
+            "events_pending": events_pending,
+            "compression_ratio": s.get("bytes_uncompressed", 0) / out if out else 0.0,
+        }
 
     def _summary(self, seconds: float) -> RunSummary:
         s = self.stats.snapshot()
         problem_keys = (
-            "rejected_messages", "rejected_trains_backwards", "module_missing",
-            "module_rejected", "module_failed", "module_write_failed", "files_unstored",
-            "spool_full_stop",
+            "rejected_messages", "rejected_trains_backwards", "rejected_train_id_jump",
+            "rejected_duplicates", "ignored_sources", "module_missing", "module_rejected",
+            "module_failed", "module_write_failed", "files_unstored", "spool_full_stop",
+            "dropped_trains", "dropped_parts",
         )
         return RunSummary(
             trains=int(s.get("trains_written", 0)),

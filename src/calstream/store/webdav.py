@@ -183,6 +183,7 @@ class WebdavDestination:
         self._clients: list[httpx.Client] = []
         self._collections: set[str] = set()
         self._lock = threading.Lock()
+        self._mkcol_lock = threading.Lock()
         httpx_log = logging.getLogger("httpx")
         if httpx_log.level == logging.NOTSET:
             # one INFO line per request would repeat what the storer logs once per file
@@ -424,6 +425,12 @@ class WebdavDestination:
         Known collections are remembered, so the usual case costs nothing, and a new run
         directory one request; the destination root itself is created too if it is missing.
         """
+        # One MKCOL at a time: storers creating the same new run directory at once would
+        # race (a server may answer the loser with 500 instead of 405).
+        with self._mkcol_lock:
+            self._create_collection(path, deadline)
+
+    def _create_collection(self, path: str, deadline: float) -> None:
         with self._lock:
             if not path.strip("/") or path in self._collections:
                 return
@@ -440,7 +447,7 @@ class WebdavDestination:
                     log.info("created collection %s", col)
                 return
             if response.status_code == 409 and first:  # the parent is missing
-                self._collection(path.rsplit("/", 1)[0], deadline)
+                self._create_collection(path.rsplit("/", 1)[0], deadline)
                 continue
             break
         raise _http_error("MKCOL", col, response, self.settings.token_file)
