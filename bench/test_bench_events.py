@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tests.kafka_fixtures import EXTERNAL, Tansu, _free_port
+from tests.kafka_fixtures import EXTERNAL, Tansu
+from tests.ports import free_port
 from tests.test_outbox import make_event
 
 from calstream.config import KafkaConfig
@@ -33,7 +34,7 @@ def bootstrap():
     if EXTERNAL:
         yield EXTERNAL
         return
-    broker = Tansu(_free_port()).start()
+    broker = Tansu(free_port()).start()
     yield broker.bootstrap
     broker.stop()
 

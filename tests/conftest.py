@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from calstream.calibrate import synth_jungfrau_constants
 from calstream.config import load_config
+from tests.ports import free_port
 
 pytest_plugins = [
     "tests.kafka_fixtures",  # the tansu broker (or CALSTREAM_TEST_KAFKA)
     "tests.webdav_fixtures",  # a wsgidav door with dCache's Digest header
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

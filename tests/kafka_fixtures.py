@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 EXTERNAL = os.environ.get("CALSTREAM_TEST_KAFKA", "")
 
 
@@ -31,11 +33,6 @@ def tansu_binary() -> Path:
         pytest.skip(f"no tansu binary at {path}")
     return path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
@@ -88,7 +85,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if EXTERNAL:
         yield EXTERNAL
         return
-    broker = Tansu(_free_port()).start()
+    broker = Tansu(free_port()).start()
     try:
         yield broker.bootstrap
     finally:
@@ -103,7 +100,7 @@ def tansu_factory() -> Iterator[Callable[[int | None], Tansu]]:
     made: list[Tansu] = []
 
     def make(port: int | None = None) -> Tansu:
-        broker = Tansu(port or _free_port())
+        broker = Tansu(port or free_port())
         made.append(broker)
         return broker
 

@@ -9,7 +9,6 @@ wrong digest, a slow answer.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import zlib
@@ -21,6 +20,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+
+from tests.ports import free_port
 
 TOKEN = "test-macaroon-3f9a"  # what the server accepts; tests check it never shows in logs
 PREFIX = "/pnfs"
@@ -108,11 +109,6 @@ def _answer(start_response: Callable[..., Any], status: str) -> list[bytes]:
     return [b""]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class WebdavServer:
     """wsgidav serving ``root`` at ``http://127.0.0.1:{port}/pnfs``; start() and stop() it."""
@@ -121,7 +117,7 @@ class WebdavServer:
         self.tls = tls  # a trustme.CA: serve https with a certificate it issued
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.faults = Faults()
         self._server: Any = None
         self._thread: threading.Thread | None = None
