@@ -1,0 +1,567 @@
+"""AGIPD, LPD and ePix100 kernels, common mode and photon conversion in Numba.
+
+(JUNGFRAU's tuned kernel is in :mod:`calstream.calibrate.kernels`.) Same results as
+:mod:`calstream.calibrate.reference`: data to float32 rounding, gain and mask exactly.
+
+All kernels take caller-owned outputs, allocate nothing, release the GIL and do no bounds
+checks: the wrappers check shapes and cell indices first (:func:`check_tables`). Frames are
+flat pixel rows (n, npix); raw input is (n, planes, npix) with a plane index, so AGIPD's
+file layout (frames, 2, ss, fs) and its online layout (separate analog and gain arrays) both
+reach the loops as contiguous rows without a copy. The gain stage is picked with selects over
+all three stages' tables, and the bad-pixel decision is already folded into ``factor``
+(0 for a bad entry), so the loops have no data-dependent branches.
+
+Common mode (:func:`common_mode_asics_numba`, :func:`common_mode_lines_numba`) works in place
+on corrected data: per block, the median of the pixels that are good (mask 0), in the chosen
+gain stage and below a threshold (photon hits excluded) is subtracted from the good pixels of
+that stage; a block with no such pixel is left alone. The median comes from a quickselect in a
+caller-owned scratch buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "check_blocks",
+    "check_common_mode",
+    "check_tables",
+    "common_mode_asics_numba",
+    "common_mode_lines_numba",
+    "correct_agipd_numba",
+    "correct_epix100_numba",
+    "correct_lpd_numba",
+    "photons_numba",
+    "prepare_agipd",
+    "prepare_epix100",
+    "prepare_lpd",
+    "prepare_photons",
+    "warmup_numba_more",
+]
+
+_jit = njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
+_inline = njit(nogil=True, cache=True, fastmath=False, error_model="numpy", inline="always")
+
+_WRONG_GAIN = np.uint32(1 << 21)
+_ZERO = np.float32(0.0)
+_HALF = np.float32(0.5)
+
+
+@_inline
+def _agipd_frame(a, d, t0, t1, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
+    for k in range(a.shape[0]):
+        dv = np.float32(d[k])
+        hi1 = dv > t0[k]
+        is2 = dv > t1[k]
+        off = o1[k] if hi1 else o0[k]
+        off = o2[k] if is2 else off
+        fac = f1[k] if hi1 else f0[k]
+        fac = f2[k] if is2 else fac
+        bad = b1[k] if hi1 else b0[k]
+        bad = b2[k] if is2 else bad
+        stage = np.uint8(1) if hi1 else np.uint8(0)
+        out_d[k] = (np.float32(a[k]) - off) * fac + _ZERO
+        out_g[k] = np.uint8(2) if is2 else stage
+        out_m[k] = bad
+
+
+@_jit
+def _agipd(analog, ai, digital, di, cell, thr, off, fac, bad, out_d, out_g, out_m):
+    for f in range(analog.shape[0]):
+        c = cell[f]
+        _agipd_frame(
+            analog[f, ai], digital[f, di], thr[c, 0], thr[c, 1],
+            off[c, 0], off[c, 1], off[c, 2], fac[c, 0], fac[c, 1], fac[c, 2],
+            bad[c, 0], bad[c, 1], bad[c, 2], out_d[f], out_g[f], out_m[f],
+        )  # fmt: skip
+
+
+@_inline
+def _lpd_frame(raw, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
+    for k in range(raw.shape[0]):
+        r = raw[k]
+        code = (r >> np.uint16(12)) & np.uint16(3)
+        is1 = code == 1
+        is2 = code == 2
+        valid = code != 3
+        off = o1[k] if is1 else o0[k]
+        off = o2[k] if is2 else off
+        fac = f1[k] if is1 else f0[k]
+        fac = f2[k] if is2 else fac
+        fac = fac if valid else _ZERO
+        bad = b1[k] if is1 else b0[k]
+        bad = b2[k] if is2 else bad
+        out_d[k] = (np.float32(r & np.uint16(0xFFF)) - off) * fac + _ZERO
+        out_g[k] = np.uint8(code)
+        out_m[k] = bad if valid else _WRONG_GAIN
+
+
+@_jit
+def _lpd(raw, ri, cell, off, fac, bad, out_d, out_g, out_m):
+    for f in range(raw.shape[0]):
+        c = cell[f]
+        _lpd_frame(
+            raw[f, ri], off[c, 0], off[c, 1], off[c, 2], fac[c, 0], fac[c, 1], fac[c, 2],
+            bad[c, 0], bad[c, 1], bad[c, 2], out_d[f], out_g[f], out_m[f],
+        )  # fmt: skip
+
+
+# -- median and common mode ------------------------------------------------------------------
+
+
+@_inline
+def _select(buf, n, k):
+    """Partially sort ``buf[:n]`` so that ``buf[k]`` is its k-th smallest; returns it."""
+    lo = 0
+    hi = n - 1
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        # median of three as pivot, moved to buf[hi]
+        if buf[mid] < buf[lo]:
+            buf[mid], buf[lo] = buf[lo], buf[mid]
+        if buf[hi] < buf[lo]:
+            buf[hi], buf[lo] = buf[lo], buf[hi]
+        if buf[mid] < buf[hi]:
+            buf[mid], buf[hi] = buf[hi], buf[mid]
+        pivot = buf[hi]
+        store = lo
+        for i in range(lo, hi):
+            if buf[i] < pivot:
+                buf[i], buf[store] = buf[store], buf[i]
+                store += 1
+        buf[store], buf[hi] = buf[hi], buf[store]
+        if store == k:
+            return buf[k]
+        if store < k:
+            lo = store + 1
+        else:
+            hi = store - 1
+    return buf[k]
+
+
+@_inline
+def _median(buf, n):
+    """Median of ``buf[:n]`` (n > 0), as NumPy: the mean of the two middle values for even n."""
+    k = n >> 1
+    upper = _select(buf, n, k)
+    if n & 1:
+        return upper
+    lower = buf[0]
+    for i in range(1, k):  # after the selection, buf[:k] holds the k smallest
+        if buf[i] > lower:
+            lower = buf[i]
+    return (lower + upper) * _HALF
+
+
+@_jit
+def _cm_asics(data, gain, mask, fs, bss, bfs, stage, threshold, scratch):
+    n = data.shape[0]
+    npix = data.shape[1]
+    ss = npix // fs
+    for f in range(n):
+        d = data[f]
+        g = gain[f]
+        m = mask[f]
+        for r0 in range(0, ss, bss):
+            for c0 in range(0, fs, bfs):
+                count = 0
+                for r in range(r0, r0 + bss):
+                    row = r * fs
+                    for c in range(c0, c0 + bfs):
+                        k = row + c
+                        v = d[k]
+                        if m[k] == 0 and g[k] == stage and v < threshold:
+                            scratch[count] = v
+                            count += 1
+                if count == 0:
+                    continue
+                med = _median(scratch, count)
+                for r in range(r0, r0 + bss):
+                    row = r * fs
+                    for c in range(c0, c0 + bfs):
+                        k = row + c
+                        if m[k] == 0 and g[k] == stage:
+                            d[k] = d[k] - med
+
+
+@_jit
+def _cm_lines(data, mask, fs, bss, bfs, threshold, scratch):
+    n = data.shape[0]
+    npix = data.shape[1]
+    ss = npix // fs
+    for f in range(n):
+        d = data[f]
+        m = mask[f]
+        for r0 in range(0, ss, bss):
+            for c0 in range(0, fs, bfs):
+                for r in range(r0, r0 + bss):  # rows of this ASIC
+                    row = r * fs
+                    count = 0
+                    for c in range(c0, c0 + bfs):
+                        v = d[row + c]
+                        if m[row + c] == 0 and v < threshold:
+                            scratch[count] = v
+                            count += 1
+                    if count:
+                        med = _median(scratch, count)
+                        for c in range(c0, c0 + bfs):
+                            if m[row + c] == 0:
+                                d[row + c] = d[row + c] - med
+                for c in range(c0, c0 + bfs):  # then its columns
+                    count = 0
+                    for r in range(r0, r0 + bss):
+                        k = r * fs + c
+                        v = d[k]
+                        if m[k] == 0 and v < threshold:
+                            scratch[count] = v
+                            count += 1
+                    if count:
+                        med = _median(scratch, count)
+                        for r in range(r0, r0 + bss):
+                            k = r * fs + c
+                            if m[k] == 0:
+                                d[k] = d[k] - med
+
+
+@_jit
+def _epix_offset(raw, off, bad, out_d, out_g, out_m):
+    for f in range(raw.shape[0]):
+        r = raw[f]
+        d = out_d[f]
+        g = out_g[f]
+        m = out_m[f]
+        for k in range(r.shape[0]):
+            b = bad[k]
+            v = np.float32(r[k]) - off[k]
+            d[k] = v if b == 0 else _ZERO
+            g[k] = np.uint8(0)
+            m[k] = b
+
+
+@_jit
+def _scale(data, factor):
+    for f in range(data.shape[0]):
+        d = data[f]
+        for k in range(d.shape[0]):
+            d[k] = d[k] * factor[k] + _ZERO
+
+
+@_jit
+def _photons(data, mask, inv_energy, out):
+    for f in range(data.shape[0]):
+        d = data[f]
+        m = mask[f]
+        o = out[f]
+        for k in range(d.shape[0]):
+            x = np.rint(d[k] * inv_energy)
+            x = min(max(x, np.float32(-32768.0)), np.float32(32767.0))
+            x = x if x == x else _ZERO  # NaN -> 0
+            o[k] = np.int16(x) if m[k] == 0 else np.int16(0)
+
+
+# -- wrappers --------------------------------------------------------------------------------
+
+
+def _rows(arr: np.ndarray, n: int) -> np.ndarray:
+    """(n, ...) C-contiguous -> (n, npix) view; read-only input stays a view."""
+    return arr.reshape(n, -1)
+
+
+def _planes(arr: np.ndarray, n: int, npix: int) -> np.ndarray:
+    """Raw (n, ss, fs) or (n, planes, ss, fs) -> (n, planes, npix) view."""
+    return arr.reshape(n, -1, npix)
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    if arr.flags.writeable:
+        arr = arr.view()
+        arr.flags.writeable = False
+    return arr
+
+
+def check_tables(
+    frames: int,
+    frame_shape: tuple[int, int],
+    cell: np.ndarray,
+    tables: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    gains: int,
+) -> None:
+    """Cheap checks that keep the unchecked loops inside their arrays (``ValueError``)."""
+    shape = (frames, *frame_shape)
+    for name, arr in outputs.items():
+        if arr.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, found {arr.shape}")
+        if not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise ValueError(f"{name}: must be C-contiguous and writable")
+    ncells = None
+    for name, arr in tables.items():
+        want_g = 2 if name == "thresholds" else gains
+        ncells = arr.shape[0] if ncells is None else ncells
+        want = (ncells, want_g, *frame_shape)
+        if arr.shape != want or not arr.flags.c_contiguous:
+            raise ValueError(f"{name}: expected C-contiguous shape {want}, found {arr.shape}")
+    if cell.shape != (frames,):
+        raise ValueError(f"cell: expected shape ({frames},), found {cell.shape}")
+    if frames and ncells is not None and (cell.min() < 0 or cell.max() >= ncells):
+        raise ValueError(
+            f"cell: values must lie in [0, {ncells}), found {cell.min()}..{cell.max()}"
+        )
+
+
+def _raw_check(raw: np.ndarray, plane: int, frame_shape: tuple[int, int], name: str) -> None:
+    if raw.dtype != np.uint16 or not raw.flags.c_contiguous:
+        raise ValueError(f"{name}: expected C-contiguous uint16, found {raw.dtype}")
+    if raw.ndim == 3:
+        ok = raw.shape[1:] == frame_shape and plane == 0
+    else:
+        ok = raw.ndim == 4 and raw.shape[2:] == frame_shape and 0 <= plane < raw.shape[1]
+    if not ok:
+        raise ValueError(
+            f"{name}: shape {raw.shape} (plane {plane}) does not fit frames of {frame_shape}"
+        )
+
+
+def prepare_agipd(
+    analog: np.ndarray,
+    analog_plane: int,
+    digital: np.ndarray,
+    digital_plane: int,
+    cell: np.ndarray,
+    thresholds: np.ndarray,
+    offset: np.ndarray,
+    factor: np.ndarray,
+    badpix: np.ndarray,
+    out_data: np.ndarray,
+    out_gain: np.ndarray,
+    out_mask: np.ndarray,
+) -> tuple:
+    """Check AGIPD kernel arguments; return them as flat-pixel views for the loops."""
+    n = analog.shape[0]
+    fshape = out_data.shape[1:]
+    _raw_check(analog, analog_plane, fshape, "analog")
+    _raw_check(digital, digital_plane, fshape, "digital")
+    if digital.shape[0] != n:
+        raise ValueError(f"digital: expected {n} frames, found {digital.shape[0]}")
+    cell = np.ascontiguousarray(cell, dtype=np.intp)
+    tables = {"thresholds": thresholds, "offset": offset, "factor": factor, "badpix": badpix}
+    outs = {"out_data": out_data, "out_gain": out_gain, "out_mask": out_mask}
+    check_tables(n, fshape, cell, tables, outs, 3)
+    npix = fshape[0] * fshape[1]
+    c = thresholds.shape[0]
+    return (
+        _readonly(_planes(analog, n, npix)), analog_plane,
+        _readonly(_planes(digital, n, npix)), digital_plane, _readonly(cell),
+        *(_readonly(t.reshape(c, t.shape[1], npix)) for t in (thresholds, offset, factor, badpix)),
+        _rows(out_data, n), _rows(out_gain, n), _rows(out_mask, n),
+    )  # fmt: skip
+
+
+def correct_agipd_numba(*args: np.ndarray | int) -> None:
+    """Correct AGIPD frames into caller-owned outputs (Numba, releases the GIL).
+
+    Arguments: ``analog, analog_plane, digital, digital_plane, cell, thresholds, offset,
+    factor, badpix, out_data, out_gain, out_mask``. ``analog``/``digital``: uint16
+    (n, ss, fs) with plane 0, or (n, planes, ss, fs) with a plane index (file layout: the same
+    (n, 2, ss, fs) array with planes 0 and 1). Tables in kernel layout: thresholds
+    (cells, 2, ss, fs), the others (cells, 3, ss, fs). Outputs (n, ss, fs).
+    """
+    _agipd(*prepare_agipd(*args))
+
+
+def prepare_lpd(
+    raw: np.ndarray,
+    plane: int,
+    cell: np.ndarray,
+    offset: np.ndarray,
+    factor: np.ndarray,
+    badpix: np.ndarray,
+    out_data: np.ndarray,
+    out_gain: np.ndarray,
+    out_mask: np.ndarray,
+) -> tuple:
+    """Check LPD kernel arguments; return them as flat-pixel views for the loops."""
+    n = raw.shape[0]
+    fshape = out_data.shape[1:]
+    _raw_check(raw, plane, fshape, "raw")
+    cell = np.ascontiguousarray(cell, dtype=np.intp)
+    outs = {"out_data": out_data, "out_gain": out_gain, "out_mask": out_mask}
+    check_tables(n, fshape, cell, {"offset": offset, "factor": factor, "badpix": badpix}, outs, 3)
+    npix = fshape[0] * fshape[1]
+    c = offset.shape[0]
+    return (
+        _readonly(_planes(raw, n, npix)), plane, _readonly(cell),
+        *(_readonly(t.reshape(c, 3, npix)) for t in (offset, factor, badpix)),
+        _rows(out_data, n), _rows(out_gain, n), _rows(out_mask, n),
+    )  # fmt: skip
+
+
+def correct_lpd_numba(*args: np.ndarray | int) -> None:
+    """Correct LPD frames (gain in bits 12-13, 12-bit ADC) into caller-owned outputs.
+
+    Arguments: ``raw, plane, cell, offset, factor, badpix, out_data, out_gain, out_mask``;
+    ``raw`` uint16 (n, ss, fs) or (n, 1, ss, fs).
+    """
+    _lpd(*prepare_lpd(*args))
+
+
+def prepare_epix100(
+    raw: np.ndarray,
+    offset: np.ndarray,
+    factor: np.ndarray,
+    badpix: np.ndarray,
+    out_data: np.ndarray,
+    out_gain: np.ndarray,
+    out_mask: np.ndarray,
+    common_mode: tuple[int, int] | None,
+    scratch: np.ndarray,
+) -> tuple:
+    """Check ePix100 kernel arguments; return (raw, offset, factor, badpix) as flat views."""
+    n = raw.shape[0]
+    fshape = out_data.shape[1:]
+    _raw_check(raw, 0, fshape, "raw")
+    outs = {"out_data": out_data, "out_gain": out_gain, "out_mask": out_mask}
+    zero = np.zeros(n, np.intp)
+    check_tables(n, fshape, zero, {"offset": offset, "factor": factor, "badpix": badpix}, outs, 1)
+    if common_mode is not None:
+        check_blocks(fshape, common_mode, scratch)
+    npix = fshape[0] * fshape[1]
+    return (
+        _readonly(_rows(raw, n)), _readonly(offset.reshape(npix)),
+        _readonly(factor.reshape(npix)), _readonly(badpix.reshape(npix)),
+    )  # fmt: skip
+
+
+def correct_epix100_numba(
+    raw: np.ndarray,
+    offset: np.ndarray,
+    factor: np.ndarray,
+    badpix: np.ndarray,
+    out_data: np.ndarray,
+    out_gain: np.ndarray,
+    out_mask: np.ndarray,
+    common_mode: tuple[int, int] | None,
+    threshold: float,
+    scratch: np.ndarray,
+) -> None:
+    """Correct ePix100 frames: offset, common mode per ASIC row then column (when
+    ``common_mode`` is the ASIC shape), relative gain, bad pixels. ``scratch``: float32 of at
+    least one ASIC's pixels."""
+    raw2, off, fac, bad = prepare_epix100(
+        raw, offset, factor, badpix, out_data, out_gain, out_mask, common_mode, scratch
+    )
+    n = raw.shape[0]
+    d, g, m = _rows(out_data, n), _rows(out_gain, n), _rows(out_mask, n)
+    _epix_offset(raw2, off, bad, d, g, m)
+    if common_mode is not None:
+        _cm_lines(d, m, out_data.shape[2], *common_mode, np.float32(threshold), scratch)
+    _scale(d, fac)
+
+
+def check_blocks(
+    fshape: tuple[int, int], block: tuple[int, int], scratch: np.ndarray, lines: bool = True
+) -> None:
+    """Blocks must tile the frame; ``scratch`` must hold a line (or, ``lines=False``, a block)."""
+    bss, bfs = block
+    if bss <= 0 or bfs <= 0 or fshape[0] % bss or fshape[1] % bfs:
+        raise ValueError(f"common-mode blocks {block} do not tile frames of {fshape}")
+    need = max(bss, bfs) if lines else bss * bfs
+    if scratch.dtype != np.float32 or scratch.shape[0] < need or not scratch.flags.writeable:
+        raise ValueError(f"scratch: need a writable float32 buffer of at least {need}")
+    if not scratch.flags.c_contiguous:
+        raise ValueError("scratch: must be C-contiguous")
+
+
+def check_common_mode(
+    data: np.ndarray, gain: np.ndarray | None, mask: np.ndarray, block: tuple[int, int],
+    scratch: np.ndarray,
+) -> None:  # fmt: skip
+    """Common-mode arguments: float32 data, uint8 gain, uint32 mask (n, ss, fs), C-contiguous."""
+    if data.ndim != 3 or data.dtype != np.float32 or not data.flags.c_contiguous:
+        raise ValueError(f"data: expected C-contiguous float32 (n, ss, fs), found {data.dtype}")
+    if not data.flags.writeable:
+        raise ValueError("data: must be writable (common mode works in place)")
+    for name, arr, dtype in (("gain", gain, np.uint8), ("mask", mask, np.uint32)):
+        if arr is None:
+            continue
+        if arr.shape != data.shape or arr.dtype != dtype or not arr.flags.c_contiguous:
+            raise ValueError(f"{name}: expected C-contiguous {np.dtype(dtype)} {data.shape}")
+    check_blocks(data.shape[1:], block, scratch, lines=gain is None)
+
+
+def common_mode_asics_numba(
+    data: np.ndarray,
+    gain: np.ndarray,
+    mask: np.ndarray,
+    block: tuple[int, int],
+    stage: int,
+    threshold: float,
+    scratch: np.ndarray,
+) -> None:
+    """Subtract per block (ASIC) the median of good pixels of gain ``stage`` below
+    ``threshold`` from the good pixels of that stage, in place on (n, ss, fs) data."""
+    check_common_mode(data, gain, mask, block, scratch)
+    n, _ss, fs = data.shape
+    _cm_asics(
+        _rows(data, n), _readonly(_rows(gain, n)), _readonly(_rows(mask, n)), fs, *block,
+        np.uint8(stage), np.float32(threshold), scratch,
+    )  # fmt: skip
+
+
+def common_mode_lines_numba(
+    data: np.ndarray, mask: np.ndarray, block: tuple[int, int], threshold: float,
+    scratch: np.ndarray,
+) -> None:  # fmt: skip
+    """Row then column common mode within each block, in place (see the module docstring)."""
+    check_common_mode(data, None, mask, block, scratch)
+    n, _ss, fs = data.shape
+    _cm_lines(_rows(data, n), _readonly(_rows(mask, n)), fs, *block, np.float32(threshold),
+              scratch)  # fmt: skip
+
+
+def prepare_photons(
+    data: np.ndarray, mask: np.ndarray, photon_energy: float, out: np.ndarray
+) -> tuple:
+    """Check photon-conversion arguments; return (data, mask, 1/E_photon, out) as rows."""
+    if data.shape != mask.shape or data.shape != out.shape:
+        raise ValueError(f"mask and out must have the data's shape {data.shape}")
+    if out.dtype != np.int16 or data.dtype != np.float32 or mask.dtype != np.uint32:
+        raise ValueError(
+            f"expected float32 data, uint32 mask, int16 out; found {data.dtype}, {mask.dtype}, "
+            f"{out.dtype}"
+        )
+    if not (photon_energy > 0 and np.isfinite(photon_energy)):
+        raise ValueError(f"photon energy must be positive, got {photon_energy}")
+    n = data.shape[0]
+    inv = np.float32(1.0) / np.float32(photon_energy)
+    return _readonly(_rows(data, n)), _readonly(_rows(mask, n)), inv, _rows(out, n)
+
+
+def photons_numba(
+    data: np.ndarray, mask: np.ndarray, photon_energy: float, out: np.ndarray
+) -> None:
+    """int16 photon counts ``rint(data / photon_energy)`` clipped to int16, 0 where masked."""
+    _photons(*prepare_photons(data, mask, photon_energy, out))
+
+
+def warmup_numba_more() -> None:
+    """Compile (or load from the cache) every kernel in this module on tiny inputs."""
+    shape = (1, 4, 4)
+    t3 = np.zeros((1, 3, 4, 4), np.float32)
+    t2 = np.zeros((1, 2, 4, 4), np.float32)
+    b3 = np.zeros((1, 3, 4, 4), np.uint32)
+    cell = np.zeros(1, np.intp)
+    raw = np.zeros(shape, np.uint16)
+    outs = (np.empty(shape, np.float32), np.empty(shape, np.uint8), np.empty(shape, np.uint32))
+    scratch = np.empty(16, np.float32)
+    correct_agipd_numba(raw, 0, raw, 0, cell, t2, t3, t3, b3, *outs)
+    correct_agipd_numba(np.zeros((1, 2, 4, 4), np.uint16), 0, np.zeros((1, 2, 4, 4), np.uint16),
+                        1, cell, t2, t3, t3, b3, *outs)  # fmt: skip
+    correct_lpd_numba(raw, 0, cell, t3, t3, b3, *outs)
+    correct_lpd_numba(raw.reshape(1, 1, 4, 4), 0, cell, t3, t3, b3, *outs)
+    t1 = np.zeros((1, 1, 4, 4), np.float32)
+    correct_epix100_numba(raw, t1, t1, np.zeros((1, 1, 4, 4), np.uint32), *outs, (2, 2), 10.0,
+                          scratch)  # fmt: skip
+    common_mode_asics_numba(outs[0], outs[1], outs[2], (2, 2), 0, 10.0, scratch)
+    photons_numba(outs[0], outs[2], 1.0, np.empty(shape, np.int16))
