@@ -37,9 +37,9 @@ cdef extern from *:
     #define CALSTREAM_STREAM_STORES 1
     static inline int calstream_g0_stream(const uint16_t* a, const float* o, const float* ig,
                                           const uint32_t* b, float* d, uint8_t* g, uint32_t* m,
-                                          Py_ssize_t n) {
+                                          Py_ssize_t n, int adc_bits) {
         if ((((uintptr_t)d | (uintptr_t)g | (uintptr_t)m) & 63) || (n & 63)) return 0;
-        const __m512i adc_mask = _mm512_set1_epi32(0x3FFF);
+        const __m512i adc_mask = _mm512_set1_epi32(adc_bits);
         const __m512 zero = _mm512_setzero_ps();
         for (Py_ssize_t k = 0; k < n; k += 64) {
             for (Py_ssize_t j = k; j < k + 64; j += 16) {
@@ -60,9 +60,9 @@ cdef extern from *:
     #define CALSTREAM_STREAM_STORES 1
     static inline int calstream_g0_stream(const uint16_t* a, const float* o, const float* ig,
                                           const uint32_t* b, float* d, uint8_t* g, uint32_t* m,
-                                          Py_ssize_t n) {
+                                          Py_ssize_t n, int adc_bits) {
         if ((((uintptr_t)d | (uintptr_t)g | (uintptr_t)m) & 31) || (n & 31)) return 0;
-        const __m256i adc_mask = _mm256_set1_epi32(0x3FFF);
+        const __m256i adc_mask = _mm256_set1_epi32(adc_bits);
         const __m256 zero = _mm256_setzero_ps();
         for (Py_ssize_t k = 0; k < n; k += 32) {
             for (Py_ssize_t j = k; j < k + 32; j += 8) {
@@ -82,14 +82,14 @@ cdef extern from *:
     #define CALSTREAM_STREAM_STORES 0
     static inline int calstream_g0_stream(const uint16_t* a, const float* o, const float* ig,
                                           const uint32_t* b, float* d, uint8_t* g, uint32_t* m,
-                                          Py_ssize_t n) { return 0; }
+                                          Py_ssize_t n, int adc_bits) { return 0; }
     static inline void calstream_store_fence(void) {}
     #endif
     """
     bint CALSTREAM_STREAM_STORES
     bint calstream_g0_stream(const uint16_t* a, const float* o, const float* ig,
                              const uint32_t* b, float* d, uint8_t* g, uint32_t* m,
-                             Py_ssize_t n) noexcept nogil
+                             Py_ssize_t n, int adc_bits) noexcept nogil
     void calstream_store_fence() noexcept nogil
 
 
@@ -200,7 +200,8 @@ cdef void _frame(const uint16_t* adc, const code_t* codes, unsigned shift,
         n = min(<Py_ssize_t>BLOCK, npix - start)
         if _or_codes(codes + start, shift, n) == 0:
             if calstream_g0_stream(adc + start, off + start, inv + start, bad + start,
-                                   out_data + start, out_gain + start, out_mask + start, n):
+                                   out_data + start, out_gain + start, out_mask + start, n,
+                                   ADC_MASK):
                 start += n
                 continue
             _data_g0(adc + start, off + start, inv + start, out_data + start, n)
@@ -290,27 +291,61 @@ def correct_jungfrau(
 from libc.math cimport rintf
 from libc.stdint cimport int16_t
 
-cdef inline void _agipd_frame(const uint16_t* a, const uint16_t* d, const float* t0,
-                              const float* t1, const float* off, const float* fac,
-                              const uint32_t* bad, float* out_d, uint8_t* out_g,
-                              uint32_t* out_m, Py_ssize_t npix) noexcept nogil:
+cdef inline void _agipd_all(const uint16_t* a, const uint16_t* d, const float* t0,
+                            const float* t1, const float* off, const float* fac,
+                            const uint32_t* bad, float* out_d, uint8_t* out_g,
+                            uint32_t* out_m, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """A block with pixels beyond G0; tables for G1/G2 sit ``stride`` and ``2 * stride`` on."""
     cdef Py_ssize_t k
     cdef float dv, o, f
     cdef bint hi1, is2
     cdef uint32_t b
-    for k in range(npix):
+    for k in range(n):
         dv = <float>d[k]
         hi1 = dv > t0[k]
         is2 = dv > t1[k]
-        o = off[npix + k] if hi1 else off[k]
-        o = off[2 * npix + k] if is2 else o
-        f = fac[npix + k] if hi1 else fac[k]
-        f = fac[2 * npix + k] if is2 else f
-        b = bad[npix + k] if hi1 else bad[k]
-        b = bad[2 * npix + k] if is2 else b
+        o = off[stride + k] if hi1 else off[k]
+        o = off[2 * stride + k] if is2 else o
+        f = fac[stride + k] if hi1 else fac[k]
+        f = fac[2 * stride + k] if is2 else f
+        b = bad[stride + k] if hi1 else bad[k]
+        b = bad[2 * stride + k] if is2 else b
         out_d[k] = (<float>a[k] - o) * f + <float>0.0
         out_g[k] = 2 if is2 else (1 if hi1 else 0)
         out_m[k] = b
+
+
+cdef inline void _g0_block(const uint16_t* a, unsigned adc_mask, const float* off,
+                           const float* fac, const uint32_t* bad, float* out_d,
+                           uint8_t* out_g, uint32_t* out_m, Py_ssize_t n) noexcept nogil:
+    """Every pixel in G0: only the G0 tables, streaming stores when aligned."""
+    if calstream_g0_stream(a, off, fac, bad, out_d, out_g, out_m, n, adc_mask):
+        return
+    cdef Py_ssize_t k
+    for k in range(n):
+        out_d[k] = (<float>(a[k] & adc_mask) - off[k]) * fac[k] + <float>0.0
+    _fill_u8(out_g, 0, n)
+    _copy_u32(bad, out_m, n)
+
+
+cdef void _agipd_frame(const uint16_t* a, const uint16_t* d, const float* t0,
+                       const float* t1, const float* off, const float* fac,
+                       const uint32_t* bad, float* out_d, uint8_t* out_g,
+                       uint32_t* out_m, Py_ssize_t npix) noexcept nogil:
+    cdef Py_ssize_t start = 0, n, k
+    cdef bint above
+    while start < npix:
+        n = min(<Py_ssize_t>BLOCK, npix - start)
+        above = False
+        for k in range(start, start + n):
+            above |= <float>d[k] > t0[k]
+        if not above:
+            _g0_block(a + start, 0xFFFF, off + start, fac + start, bad + start,
+                      out_d + start, out_g + start, out_m + start, n)
+        else:
+            _agipd_all(a + start, d + start, t0 + start, t1 + start, off + start, fac + start,
+                       bad + start, out_d + start, out_g + start, out_m + start, n, npix)
+        start += n
 
 
 def correct_agipd(
@@ -335,31 +370,51 @@ def correct_agipd(
                          &thresholds[c, 1, 0], &offset[c, 0, 0], &factor[c, 0, 0],
                          &badpix[c, 0, 0], &out_data[f, 0], &out_gain[f, 0], &out_mask[f, 0],
                          npix)
+        calstream_store_fence()
 
 
-cdef inline void _lpd_frame(const uint16_t* raw, const float* off, const float* fac,
-                            const uint32_t* bad, float* out_d, uint8_t* out_g,
-                            uint32_t* out_m, Py_ssize_t npix) noexcept nogil:
+cdef inline void _lpd_all(const uint16_t* raw, const float* off, const float* fac,
+                          const uint32_t* bad, float* out_d, uint8_t* out_g,
+                          uint32_t* out_m, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
     cdef Py_ssize_t k
     cdef unsigned code
     cdef bint is1, is2, valid
     cdef float o, f
     cdef uint32_t b
-    for k in range(npix):
+    for k in range(n):
         code = (raw[k] >> 12) & 3
         is1 = code == 1
         is2 = code == 2
         valid = code != 3
-        o = off[npix + k] if is1 else off[k]
-        o = off[2 * npix + k] if is2 else o
-        f = fac[npix + k] if is1 else fac[k]
-        f = fac[2 * npix + k] if is2 else f
+        o = off[stride + k] if is1 else off[k]
+        o = off[2 * stride + k] if is2 else o
+        f = fac[stride + k] if is1 else fac[k]
+        f = fac[2 * stride + k] if is2 else f
         f = f if valid else <float>0.0
-        b = bad[npix + k] if is1 else bad[k]
-        b = bad[2 * npix + k] if is2 else b
+        b = bad[stride + k] if is1 else bad[k]
+        b = bad[2 * stride + k] if is2 else b
         out_d[k] = (<float>(raw[k] & 0xFFF) - o) * f + <float>0.0
         out_g[k] = <uint8_t>code
         out_m[k] = b if valid else <uint32_t>WRONG_GAIN_VALUE
+
+
+cdef void _lpd_frame(const uint16_t* raw, const float* off, const float* fac,
+                     const uint32_t* bad, float* out_d, uint8_t* out_g,
+                     uint32_t* out_m, Py_ssize_t npix) noexcept nogil:
+    cdef Py_ssize_t start = 0, n, k
+    cdef unsigned acc
+    while start < npix:
+        n = min(<Py_ssize_t>BLOCK, npix - start)
+        acc = 0
+        for k in range(start, start + n):
+            acc |= raw[k]
+        if (acc & 0x3000) == 0:
+            _g0_block(raw + start, 0xFFF, off + start, fac + start, bad + start,
+                      out_d + start, out_g + start, out_m + start, n)
+        else:
+            _lpd_all(raw + start, off + start, fac + start, bad + start, out_d + start,
+                     out_g + start, out_m + start, n, npix)
+        start += n
 
 
 def correct_lpd(
@@ -379,6 +434,7 @@ def correct_lpd(
             c = cell[f]
             _lpd_frame(&raw[f, ri, 0], &offset[c, 0, 0], &factor[c, 0, 0], &badpix[c, 0, 0],
                        &out_data[f, 0], &out_gain[f, 0], &out_mask[f, 0], npix)
+        calstream_store_fence()
 
 
 cdef inline float _select(float* buf, Py_ssize_t n, Py_ssize_t k) noexcept nogil:

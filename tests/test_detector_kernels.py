@@ -24,6 +24,7 @@ from calstream.calibrate import (
 )
 from calstream.calibrate import numba_kernels as nk
 from calstream.calibrate import reference as ref
+from calstream.calibrate.detectors import empty_aligned
 from calstream.calibrate.native import (
     common_mode_asics_cython,
     common_mode_lines_cython,
@@ -201,6 +202,48 @@ def test_lpd_random_against_oracle(backend, planes) -> None:
                                                                        cell, stage))  # fmt: skip
     check(result, (np.where(mask == 0, energy, 0), code.astype(np.uint8), mask), atol=1e-3)
     assert np.count_nonzero(result[2] == WRONG) > 0
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("name", ["agipd", "lpd"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_g0_blocks_streaming_and_not(backend, name, aligned) -> None:
+    """Mostly-G0 frames take the G0-only path (non-temporal stores when aligned); the one
+    block with a gain switch takes the general path. Both must match the oracle."""
+    rng = np.random.default_rng(21)
+    n, ss, fs, cells = 3, 16, 128, 2  # 4 blocks of 512 pixels per frame
+    offset, gain, badpix = tables(rng, cells, 3, ss, fs, specials=False)
+    cell = np.array([1, 0, 1])
+    if name == "agipd":
+        thr = np.stack([np.full((cells, ss, fs), 5000.0), np.full((cells, ss, fs), 6000.0)], 1)
+        analog = rng.integers(0, 0x4000, (n, ss, fs), dtype=np.uint16)
+        digital = np.full((n, ss, fs), 4000, np.uint16)
+        digital[:, 9, 5] = 5500
+        digital[:, 10, 6] = 6500
+        consts = DetectorConstants.from_kernel("agipd", offset, gain, badpix, thr)
+        expected = agipd_oracle(analog, digital, cell, offset, gain, badpix, thr.astype(np.float32))
+        args = (analog, digital)
+    else:
+        raw = rng.integers(0, 0x1000, (n, ss, fs), dtype=np.uint16)
+        raw[:, 9, 5] |= 0x1000
+        raw[:, 10, 6] |= 0x3000
+        consts = DetectorConstants.from_kernel("lpd", offset, gain, badpix)
+        code = (raw >> 12) & 3
+        stage = np.where(code == 3, 0, code)
+        energy = ((raw & 0xFFF) - pick(offset, cell, stage).astype(np.float64)) * pick(
+            gain, cell, stage
+        )
+        mask = np.where(code == 3, WRONG, pick(badpix, cell, stage))
+        expected = (np.where(mask == 0, energy, 0), code.astype(np.uint8), mask)
+        args = (raw, None)
+    corrector = make_corrector(name, consts, backend, frame_shape=None)
+    result = corrector.empty_outputs(n)
+    if not aligned:
+        result = tuple(
+            empty_aligned((o.size + 1,), o.dtype)[1:].reshape(o.shape) for o in result
+        )
+    corrector.correct(*args, cell, *result)
+    check(result, expected, atol=1e-3)
 
 
 # -- common mode and ePix100 -----------------------------------------------------------------

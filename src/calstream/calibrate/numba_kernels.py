@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from calstream.calibrate.kernels import make_g0_stream64, store_fence
+
 __all__ = [
     "check_blocks",
     "check_common_mode",
@@ -48,22 +50,112 @@ _ZERO = np.float32(0.0)
 _HALF = np.float32(0.5)
 
 
+#: Pixels per block: a block whose pixels are all in G0 (most of them, in most frames) reads
+#: only the G0 tables, a third of the constants' memory traffic, which bounds these kernels
+#: when the per-cell tables do not fit in cache (as in JUNGFRAU's kernel).
+BLOCK = 512
+_STREAM = 64  # pixels per non-temporal step
+
+# G0 blocks with non-temporal stores when the outputs are 64-byte aligned: the 9 output bytes
+# per pixel then bypass the cache instead of being read in first.
+_g0_stream_agipd = make_g0_stream64(0xFFFF)
+_g0_stream_lpd = make_g0_stream64(0x0FFF)
+
+# Loops take whole rows plus unsigned (start, n): slices would be reference-counted per block,
+# and signed indices make Numba emit wraparound checks that stop LLVM from vectorising.
+
+
 @_inline
-def _agipd_frame(a, d, t0, t1, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
-    for k in range(a.shape[0]):
+def _fill_u8(out, start, n):
+    for j in range(n):
+        out[start + j] = np.uint8(0)
+
+
+@_inline
+def _copy_u32(src, out, start, n):
+    for j in range(n):
+        out[start + j] = src[start + j]
+
+
+@_inline
+def _any_above(d, t0, start, n):
+    acc = False
+    for j in range(n):
+        acc |= np.float32(d[start + j]) > t0[start + j]
+    return acc
+
+
+@_inline
+def _agipd_g0(a, o0, f0, out_d, start, n):
+    for j in range(n):
+        k = start + j
+        out_d[k] = (np.float32(a[k]) - o0[k]) * f0[k] + _ZERO
+
+
+@_inline
+def _agipd_data(a, d, t0, t1, o0, o1, o2, f0, f1, f2, out_d, start, n):
+    for j in range(n):
+        k = start + j
         dv = np.float32(d[k])
         hi1 = dv > t0[k]
         is2 = dv > t1[k]
-        off = o1[k] if hi1 else o0[k]
-        off = o2[k] if is2 else off
-        fac = f1[k] if hi1 else f0[k]
-        fac = f2[k] if is2 else fac
-        bad = b1[k] if hi1 else b0[k]
-        bad = b2[k] if is2 else bad
-        stage = np.uint8(1) if hi1 else np.uint8(0)
+        x0 = o0[k]
+        x1 = o1[k]
+        x2 = o2[k]
+        y0 = f0[k]
+        y1 = f1[k]
+        y2 = f2[k]
+        off = x1 if hi1 else x0
+        off = x2 if is2 else off
+        fac = y1 if hi1 else y0
+        fac = y2 if is2 else fac
         out_d[k] = (np.float32(a[k]) - off) * fac + _ZERO
-        out_g[k] = np.uint8(2) if is2 else stage
-        out_m[k] = bad
+
+
+@_inline
+def _agipd_gain(d, t0, t1, out_g, start, n):
+    for j in range(n):
+        k = start + j
+        dv = np.float32(d[k])
+        out_g[k] = np.uint8(dv > t0[k]) + np.uint8(dv > t1[k]) * np.uint8(2) - np.uint8(
+            (dv > t0[k]) & (dv > t1[k])
+        )
+
+
+@_inline
+def _agipd_mask(d, t0, t1, b0, b1, b2, out_m, start, n):
+    for j in range(n):
+        k = start + j
+        dv = np.float32(d[k])
+        hi1 = dv > t0[k]
+        is2 = dv > t1[k]
+        x0 = b0[k]
+        x1 = b1[k]
+        x2 = b2[k]
+        bad = x1 if hi1 else x0
+        out_m[k] = x2 if is2 else bad
+
+
+@_inline
+def _agipd_frame(a, d, t0, t1, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
+    npix = a.shape[0]
+    stream = (out_d.ctypes.data | out_g.ctypes.data | out_m.ctypes.data) % 64 == 0
+    for block_start in range(0, npix, BLOCK):
+        block_n = min(BLOCK, npix - block_start)
+        start = np.uint64(block_start)
+        n = np.uint64(block_n)
+        if not _any_above(d, t0, start, n):
+            if stream and block_n % _STREAM == 0:
+                for k in range(block_start, block_start + block_n, _STREAM):
+                    _g0_stream_agipd(a, o0, f0, b0, out_d, out_g, out_m, k)
+                continue
+            _agipd_g0(a, o0, f0, out_d, start, n)
+            _fill_u8(out_g, start, n)
+            _copy_u32(b0, out_m, start, n)
+        else:
+            _agipd_data(a, d, t0, t1, o0, o1, o2, f0, f1, f2, out_d, start, n)
+            _agipd_gain(d, t0, t1, out_g, start, n)
+            _agipd_mask(d, t0, t1, b0, b1, b2, out_m, start, n)
 
 
 @_jit
@@ -75,26 +167,90 @@ def _agipd(analog, ai, digital, di, cell, thr, off, fac, bad, out_d, out_g, out_
             off[c, 0], off[c, 1], off[c, 2], fac[c, 0], fac[c, 1], fac[c, 2],
             bad[c, 0], bad[c, 1], bad[c, 2], out_d[f], out_g[f], out_m[f],
         )  # fmt: skip
+    store_fence()
+
+
+_LPD_ADC = np.uint16(0xFFF)
+_LPD_CODES = np.uint16(0x3000)
 
 
 @_inline
-def _lpd_frame(raw, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
-    for k in range(raw.shape[0]):
+def _or_codes(raw, start, n):
+    acc = raw[start] & np.uint16(0)
+    for j in range(n):
+        acc |= raw[start + j]
+    return acc & _LPD_CODES
+
+
+@_inline
+def _lpd_g0(raw, o0, f0, out_d, start, n):
+    for j in range(n):
+        k = start + j
+        out_d[k] = (np.float32(raw[k] & _LPD_ADC) - o0[k]) * f0[k] + _ZERO
+
+
+@_inline
+def _lpd_data(raw, o0, o1, o2, f0, f1, f2, out_d, start, n):
+    for j in range(n):
+        k = start + j
         r = raw[k]
         code = (r >> np.uint16(12)) & np.uint16(3)
         is1 = code == 1
         is2 = code == 2
-        valid = code != 3
-        off = o1[k] if is1 else o0[k]
-        off = o2[k] if is2 else off
-        fac = f1[k] if is1 else f0[k]
-        fac = f2[k] if is2 else fac
-        fac = fac if valid else _ZERO
-        bad = b1[k] if is1 else b0[k]
-        bad = b2[k] if is2 else bad
-        out_d[k] = (np.float32(r & np.uint16(0xFFF)) - off) * fac + _ZERO
-        out_g[k] = np.uint8(code)
-        out_m[k] = bad if valid else _WRONG_GAIN
+        x0 = o0[k]
+        x1 = o1[k]
+        x2 = o2[k]
+        y0 = f0[k]
+        y1 = f1[k]
+        y2 = f2[k]
+        off = x1 if is1 else x0
+        off = x2 if is2 else off
+        fac = y1 if is1 else y0
+        fac = y2 if is2 else fac
+        fac = _ZERO if code == 3 else fac
+        out_d[k] = (np.float32(r & _LPD_ADC) - off) * fac + _ZERO
+
+
+@_inline
+def _lpd_gain(raw, out_g, start, n):
+    for j in range(n):
+        k = start + j
+        out_g[k] = np.uint8((raw[k] >> np.uint16(12)) & np.uint16(3))
+
+
+@_inline
+def _lpd_mask(raw, b0, b1, b2, out_m, start, n):
+    for j in range(n):
+        k = start + j
+        code = (raw[k] >> np.uint16(12)) & np.uint16(3)
+        x0 = b0[k]
+        x1 = b1[k]
+        x2 = b2[k]
+        bad = x1 if code == 1 else x0
+        bad = x2 if code == 2 else bad
+        out_m[k] = _WRONG_GAIN if code == 3 else bad
+
+
+@_inline
+def _lpd_frame(raw, o0, o1, o2, f0, f1, f2, b0, b1, b2, out_d, out_g, out_m):
+    npix = raw.shape[0]
+    stream = (out_d.ctypes.data | out_g.ctypes.data | out_m.ctypes.data) % 64 == 0
+    for block_start in range(0, npix, BLOCK):
+        block_n = min(BLOCK, npix - block_start)
+        start = np.uint64(block_start)
+        n = np.uint64(block_n)
+        if _or_codes(raw, start, n) == 0:
+            if stream and block_n % _STREAM == 0:
+                for k in range(block_start, block_start + block_n, _STREAM):
+                    _g0_stream_lpd(raw, o0, f0, b0, out_d, out_g, out_m, k)
+                continue
+            _lpd_g0(raw, o0, f0, out_d, start, n)
+            _fill_u8(out_g, start, n)
+            _copy_u32(b0, out_m, start, n)
+        else:
+            _lpd_data(raw, o0, o1, o2, f0, f1, f2, out_d, start, n)
+            _lpd_gain(raw, out_g, start, n)
+            _lpd_mask(raw, b0, b1, b2, out_m, start, n)
 
 
 @_jit
@@ -105,6 +261,7 @@ def _lpd(raw, ri, cell, off, fac, bad, out_d, out_g, out_m):
             raw[f, ri], off[c, 0], off[c, 1], off[c, 2], fac[c, 0], fac[c, 1], fac[c, 2],
             bad[c, 0], bad[c, 1], bad[c, 2], out_d[f], out_g[f], out_m[f],
         )  # fmt: skip
+    store_fence()
 
 
 # -- median and common mode ------------------------------------------------------------------
