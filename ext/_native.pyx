@@ -450,10 +450,11 @@ cdef inline float _select(float* buf, Py_ssize_t n, Py_ssize_t k) noexcept nogil
             t = buf[mid]; buf[mid] = buf[hi]; buf[hi] = t
         pivot = buf[hi]
         store = lo
-        for i in range(lo, hi):
-            if buf[i] < pivot:
-                t = buf[i]; buf[i] = buf[store]; buf[store] = t
-                store += 1
+        for i in range(lo, hi):  # branch-free Lomuto: always swap, advance if smaller
+            t = buf[i]
+            buf[i] = buf[store]
+            buf[store] = t
+            store += t < pivot
         t = buf[store]; buf[store] = buf[hi]; buf[hi] = t
         if store == k:
             return buf[k]
@@ -491,9 +492,8 @@ cdef void _cm_asics(float* d, const uint8_t* g, const uint32_t* m, Py_ssize_t ss
                 for c in range(c0, c0 + bfs):
                     k = r * fs + c
                     v = d[k]
-                    if m[k] == 0 and g[k] == stage and v < threshold:
-                        scratch[count] = v
-                        count += 1
+                    scratch[count] = v  # branch-free gather: keep it by counting it
+                    count += (m[k] == 0) & (g[k] == stage) & (v < threshold)
             if count == 0:
                 continue
             med = _median(scratch, count)
@@ -519,9 +519,8 @@ cdef void _cm_lines(float* d, const uint32_t* m, Py_ssize_t ss, Py_ssize_t fs,
                 for c in range(c0, c0 + bfs):
                     k = r * fs + c
                     v = d[k]
-                    if m[k] == 0 and v < threshold:
-                        scratch[count] = v
-                        count += 1
+                    scratch[count] = v
+                    count += (m[k] == 0) & (v < threshold)
                 if count:
                     med = _median(scratch, count)
                     for c in range(c0, c0 + bfs):
@@ -533,9 +532,8 @@ cdef void _cm_lines(float* d, const uint32_t* m, Py_ssize_t ss, Py_ssize_t fs,
                 for r in range(r0, r0 + bss):
                     k = r * fs + c
                     v = d[k]
-                    if m[k] == 0 and v < threshold:
-                        scratch[count] = v
-                        count += 1
+                    scratch[count] = v
+                    count += (m[k] == 0) & (v < threshold)
                 if count:
                     med = _median(scratch, count)
                     for r in range(r0, r0 + bss):
@@ -588,13 +586,20 @@ def correct_epix100(
         for f in range(n):
             d = &out_data[f, 0, 0]
             m = &out_mask[f, 0, 0]
+            if bss <= 0:  # no common mode: one pass (the folded factor zeroes bad pixels)
+                for k in range(npix):
+                    d[k] = (<float>raw[f, k] - offset[k]) * factor[k] + <float>0.0
+                for k in range(npix):
+                    out_gain[f, k] = 0
+                for k in range(npix):
+                    m[k] = badpix[k]
+                continue
             for k in range(npix):
                 b = badpix[k]
                 d[k] = (<float>raw[f, k] - offset[k]) if b == 0 else <float>0.0
                 out_gain[f, k] = 0
                 m[k] = b
-            if bss > 0:
-                _cm_lines(d, m, ss, fs, bss, bfs, threshold, &scratch[0])
+            _cm_lines(d, m, ss, fs, bss, bfs, threshold, &scratch[0])
             for k in range(npix):
                 d[k] = d[k] * factor[k] + <float>0.0
 

@@ -267,7 +267,7 @@ def cm_lines(backend, data, mask, block, threshold):
     if backend == "numpy":
         ref.common_mode_lines_reference(data, mask, block, threshold)
     else:
-        CM[backend][1](data, mask, block, threshold, np.empty(max(block), np.float32))
+        CM[backend][1](data, mask, block, threshold, np.empty(nk.scratch_size(block), np.float32))
 
 
 def cm_case(rng, n, ss, fs, block):

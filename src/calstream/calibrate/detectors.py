@@ -597,7 +597,7 @@ class Epix100Corrector(Corrector):
                 pixels, c, out_data, out_gain, out_mask, block, self.cm_threshold
             )
             return
-        scratch = self._scratch((max(self.asic_shape),), "cm")
+        scratch = self._scratch((nk.scratch_size(self.asic_shape),), "cm")
         kernel = nk.correct_epix100_numba if self.backend == "numba" else correct_epix100_cython
         kernel(pixels, c.offset, c.factor, c.badpix, out_data, out_gain, out_mask, block,
                self.cm_threshold, scratch)  # fmt: skip

@@ -39,6 +39,7 @@ __all__ = [
     "prepare_epix100",
     "prepare_lpd",
     "prepare_photons",
+    "scratch_size",
     "warmup_numba_more",
 ]
 
@@ -46,6 +47,7 @@ _jit = njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
 _inline = njit(nogil=True, cache=True, fastmath=False, error_model="numpy", inline="always")
 
 _WRONG_GAIN = np.uint32(1 << 21)
+_COLS = 16  # columns per step of the column common mode: one cache line of float32
 _ZERO = np.float32(0.0)
 _HALF = np.float32(0.5)
 
@@ -283,10 +285,11 @@ def _select(buf, n, k):
             buf[mid], buf[hi] = buf[hi], buf[mid]
         pivot = buf[hi]
         store = lo
-        for i in range(lo, hi):
-            if buf[i] < pivot:
-                buf[i], buf[store] = buf[store], buf[i]
-                store += 1
+        for i in range(lo, hi):  # branch-free Lomuto: always swap, advance if smaller
+            x = buf[i]
+            buf[i] = buf[store]
+            buf[store] = x
+            store += x < pivot
         buf[store], buf[hi] = buf[hi], buf[store]
         if store == k:
             return buf[k]
@@ -328,9 +331,8 @@ def _cm_asics(data, gain, mask, fs, bss, bfs, stage, threshold, scratch):
                     for c in range(c0, c0 + bfs):
                         k = row + c
                         v = d[k]
-                        if m[k] == 0 and g[k] == stage and v < threshold:
-                            scratch[count] = v
-                            count += 1
+                        scratch[count] = v  # branch-free gather: keep it by counting it
+                        count += (m[k] == 0) & (g[k] == stage) & (v < threshold)
                 if count == 0:
                     continue
                 med = _median(scratch, count)
@@ -357,28 +359,38 @@ def _cm_lines(data, mask, fs, bss, bfs, threshold, scratch):
                     count = 0
                     for c in range(c0, c0 + bfs):
                         v = d[row + c]
-                        if m[row + c] == 0 and v < threshold:
-                            scratch[count] = v
-                            count += 1
+                        scratch[count] = v
+                        count += (m[row + c] == 0) & (v < threshold)
                     if count:
                         med = _median(scratch, count)
                         for c in range(c0, c0 + bfs):
                             if m[row + c] == 0:
                                 d[row + c] = d[row + c] - med
-                for c in range(c0, c0 + bfs):  # then its columns
-                    count = 0
+                # then its columns, _COLS at a time, so the strided walk down a column reads
+                # whole cache lines: column j's values go to scratch[j * bss:], its count and
+                # median to scratch[cols + j] and scratch[cols + _COLS + j]
+                cols = _COLS * bss
+                for cb in range(c0, c0 + bfs, _COLS):
+                    w = min(_COLS, c0 + bfs - cb)
+                    for j in range(w):
+                        scratch[cols + j] = _ZERO
                     for r in range(r0, r0 + bss):
-                        k = r * fs + c
-                        v = d[k]
-                        if m[k] == 0 and v < threshold:
-                            scratch[count] = v
-                            count += 1
-                    if count:
-                        med = _median(scratch, count)
-                        for r in range(r0, r0 + bss):
-                            k = r * fs + c
-                            if m[k] == 0:
-                                d[k] = d[k] - med
+                        row = r * fs + cb
+                        for j in range(w):
+                            v = d[row + j]
+                            count = np.int64(scratch[cols + j])
+                            scratch[j * bss + count] = v
+                            keep = (m[row + j] == 0) & (v < threshold)
+                            scratch[cols + j] = np.float32(count + keep)
+                    for j in range(w):
+                        count = np.int64(scratch[cols + j])
+                        med = _median(scratch[j * bss :], count) if count else _ZERO
+                        scratch[cols + _COLS + j] = med
+                    for r in range(r0, r0 + bss):
+                        row = r * fs + cb
+                        for j in range(w):
+                            if m[row + j] == 0:
+                                d[row + j] = d[row + j] - scratch[cols + _COLS + j]
 
 
 @_jit
@@ -394,6 +406,22 @@ def _epix_offset(raw, off, bad, out_d, out_g, out_m):
             d[k] = v if b == 0 else _ZERO
             g[k] = np.uint8(0)
             m[k] = b
+
+
+@_jit
+def _epix_fused(raw, off, fac, bad, out_d, out_g, out_m):
+    """No common mode: one pass (the folded factor already zeroes bad pixels)."""
+    for f in range(raw.shape[0]):
+        r = raw[f]
+        d = out_d[f]
+        g = out_g[f]
+        m = out_m[f]
+        for k in range(r.shape[0]):
+            d[k] = (np.float32(r[k]) - off[k]) * fac[k] + _ZERO
+        for k in range(r.shape[0]):
+            g[k] = np.uint8(0)
+        for k in range(r.shape[0]):
+            m[k] = bad[k]
 
 
 @_jit
@@ -610,20 +638,28 @@ def correct_epix100_numba(
     )
     n = raw.shape[0]
     d, g, m = _rows(out_data, n), _rows(out_gain, n), _rows(out_mask, n)
+    if common_mode is None:
+        _epix_fused(raw2, off, fac, bad, d, g, m)
+        return
     _epix_offset(raw2, off, bad, d, g, m)
-    if common_mode is not None:
-        _cm_lines(d, m, out_data.shape[2], *common_mode, np.float32(threshold), scratch)
+    _cm_lines(d, m, out_data.shape[2], *common_mode, np.float32(threshold), scratch)
     _scale(d, fac)
+
+
+def scratch_size(block: tuple[int, int], lines: bool = True) -> int:
+    """float32 elements of scratch the common-mode kernels need for ``block``."""
+    bss, bfs = block
+    return max(bfs, _COLS * bss + 2 * _COLS) if lines else bss * bfs
 
 
 def check_blocks(
     fshape: tuple[int, int], block: tuple[int, int], scratch: np.ndarray, lines: bool = True
 ) -> None:
-    """Blocks must tile the frame; ``scratch`` must hold a line (or, ``lines=False``, a block)."""
+    """Blocks must tile the frame; ``scratch`` must hold :func:`scratch_size` elements."""
     bss, bfs = block
     if bss <= 0 or bfs <= 0 or fshape[0] % bss or fshape[1] % bfs:
         raise ValueError(f"common-mode blocks {block} do not tile frames of {fshape}")
-    need = max(bss, bfs) if lines else bss * bfs
+    need = scratch_size(block, lines)
     if scratch.dtype != np.float32 or scratch.shape[0] < need or not scratch.flags.writeable:
         raise ValueError(f"scratch: need a writable float32 buffer of at least {need}")
     if not scratch.flags.c_contiguous:
@@ -711,7 +747,7 @@ def warmup_numba_more() -> None:
     cell = np.zeros(1, np.intp)
     raw = np.zeros(shape, np.uint16)
     outs = (np.empty(shape, np.float32), np.empty(shape, np.uint8), np.empty(shape, np.uint32))
-    scratch = np.empty(16, np.float32)
+    scratch = np.empty(scratch_size((2, 2)), np.float32)
     correct_agipd_numba(raw, 0, raw, 0, cell, t2, t3, t3, b3, *outs)
     correct_agipd_numba(np.zeros((1, 2, 4, 4), np.uint16), 0, np.zeros((1, 2, 4, 4), np.uint16),
                         1, cell, t2, t3, t3, b3, *outs)  # fmt: skip
