@@ -575,7 +575,7 @@ def correct_epix100(
 ):
     """ePix100: offset, common mode (rows then columns per block when ``bss > 0``), gain.
     ``raw`` and ``out_gain`` are (n, npix), ``out_data``/``out_mask`` (n, ss, fs)."""
-    cdef Py_ssize_t n = raw.shape[0], npix = raw.shape[1], f, k
+    cdef Py_ssize_t n = raw.shape[0], npix = raw.shape[1], f, k, start, bn
     cdef Py_ssize_t ss = out_data.shape[1], fs = out_data.shape[2]
     cdef float* d
     cdef uint32_t* m
@@ -583,25 +583,45 @@ def correct_epix100(
     if n == 0 or npix == 0:
         return
     with nogil:
-        for f in range(n):
-            d = &out_data[f, 0, 0]
-            m = &out_mask[f, 0, 0]
-            if bss <= 0:  # no common mode: one pass (the folded factor zeroes bad pixels)
-                for k in range(npix):
-                    d[k] = (<float>raw[f, k] - offset[k]) * factor[k] + <float>0.0
-                for k in range(npix):
-                    out_gain[f, k] = 0
-                for k in range(npix):
-                    m[k] = badpix[k]
-                continue
-            for k in range(npix):
-                b = badpix[k]
-                d[k] = (<float>raw[f, k] - offset[k]) if b == 0 else <float>0.0
-                out_gain[f, k] = 0
-                m[k] = b
-            _cm_lines(d, m, ss, fs, bss, bfs, threshold, &scratch[0])
-            for k in range(npix):
-                d[k] = d[k] * factor[k] + <float>0.0
+        if bss <= 0:
+            # No common mode: one pass, frames interleaved per block of pixels, so each block
+            # of the one-cell tables is read once per train, not once per frame.
+            start = 0
+            while start < npix:
+                bn = min(<Py_ssize_t>BLOCK, npix - start)
+                for f in range(n):
+                    d = &out_data[f, 0, 0] + start
+                    m = &out_mask[f, 0, 0] + start
+                    _g0_block(&raw[f, start], 0xFFFF, &offset[start], &factor[start],
+                              &badpix[start], d, &out_gain[f, start], m, bn)
+                start += bn
+        else:
+            _epix_cm_frames(raw, offset, factor, badpix, out_data, out_gain, out_mask,
+                            bss, bfs, threshold, &scratch[0])
+        calstream_store_fence()
+
+
+cdef void _epix_cm_frames(const uint16_t[:, ::1] raw, const float[::1] offset,
+                          const float[::1] factor, const uint32_t[::1] badpix,
+                          float[:, :, ::1] out_data, uint8_t[:, ::1] out_gain,
+                          uint32_t[:, :, ::1] out_mask, Py_ssize_t bss, Py_ssize_t bfs,
+                          float threshold, float* scratch) noexcept nogil:
+    cdef Py_ssize_t n = raw.shape[0], npix = raw.shape[1], f, k
+    cdef Py_ssize_t ss = out_data.shape[1], fs = out_data.shape[2]
+    cdef float* d
+    cdef uint32_t* m
+    cdef uint32_t b
+    for f in range(n):
+        d = &out_data[f, 0, 0]
+        m = &out_mask[f, 0, 0]
+        for k in range(npix):
+            b = badpix[k]
+            d[k] = (<float>raw[f, k] - offset[k]) if b == 0 else <float>0.0
+            out_gain[f, k] = 0
+            m[k] = b
+        _cm_lines(d, m, ss, fs, bss, bfs, threshold, scratch)
+        for k in range(npix):
+            d[k] = d[k] * factor[k] + <float>0.0
 
 
 def photons(const float[:, ::1] data, const uint32_t[:, ::1] mask, float inv_energy,

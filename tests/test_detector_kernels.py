@@ -340,9 +340,10 @@ def test_common_mode_median_matches_numpy(backend, values, threshold) -> None:
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("common_mode", [True, False])
-def test_epix100_against_reference(backend, common_mode) -> None:
+@pytest.mark.parametrize("aligned", [True, False])
+def test_epix100_against_reference(backend, common_mode, aligned) -> None:
     rng = np.random.default_rng(9)
-    ss, fs, block = 12, 16, (6, 8)
+    ss, fs, block = 12, 96, (6, 48)  # 1152 pixels: two full blocks of 512 and a tail
     offset, gain, badpix = tables(rng, 1, 1, ss, fs)
     consts = DetectorConstants.from_kernel("epix100", offset, gain, badpix)
     raw = (np.nan_to_num(offset, posinf=0) + rng.normal(0, 3, (4, ss, fs)) + 30).clip(0, 65535)
@@ -350,7 +351,11 @@ def test_epix100_against_reference(backend, common_mode) -> None:
     raw[rng.random(raw.shape) < 0.05] = 0xFFFF  # saturated / hits
     corrector = make_corrector("epix100", consts, backend, frame_shape=None,
                                common_mode=common_mode, asic_shape=block)  # fmt: skip
-    result = outs(raw.shape)
+    result = corrector.empty_outputs(raw.shape[0])  # aligned: the streaming-store path
+    if not aligned:
+        result = tuple(
+            empty_aligned((o.size + 1,), o.dtype)[1:].reshape(o.shape) for o in result
+        )
     corrector.correct_module({"data.image.pixels": raw}, *result)
 
     expected = outs(raw.shape)

@@ -143,14 +143,25 @@ _LANES = 16  # pixels per vector operation
 _STREAM = 64  # pixels per streamed step: one 64-byte cache line of gain
 
 
-def make_g0_stream64(adc_mask: int):
+def make_g0_stream64(adc_mask: int, table_index: bool = False):
     """An intrinsic ``(adc, offset, factor, badpix, out_data, out_gain, out_mask, k)`` doing
     the G0 correction ``((adc & adc_mask) - offset) * factor + 0.0`` of pixels ``k:k+64``
     with non-temporal stores (gain 0, mask = badpix); shared by the detectors' kernels.
 
     The outputs must be 64-byte aligned at ``k``. Written as 16-lane vectors, which LLVM maps
-    onto what the CPU has (one AVX-512 or two AVX2 registers each).
+    onto what the CPU has (one AVX-512 or two AVX2 registers each). With ``table_index`` the
+    intrinsic takes a ninth argument, the index into ``offset``, ``factor`` and ``badpix``
+    (frames flattened into one row while the tables stay one frame long).
     """
+    if table_index:
+
+        @intrinsic
+        def g0_stream64_2(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain,
+                          out_mask, k, kt):  # fmt: skip
+            return _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain,
+                                      out_mask, k, adc_mask, kt)  # fmt: skip
+
+        return g0_stream64_2
 
     @intrinsic
     def g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k):
@@ -160,9 +171,12 @@ def make_g0_stream64(adc_mask: int):
     return g0_stream64
 
 
-def _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k, adc_mask):
+def _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k, adc_mask,
+                       kt=None):  # fmt: skip
     """Signature and code generator of :func:`make_g0_stream64`'s intrinsic."""
-    sig = types.void(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k)
+    extra = () if kt is None else (kt,)
+    sig = types.void(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k, *extra)
+    tables = (1, 2, 3)  # offset, factor, badpix: indexed by kt when given
 
     def codegen(context, builder, signature, args):
         i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -172,7 +186,8 @@ def _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain, out_ma
         ]
 
         def vector_ptr(i: int, elem: ir.Type, lanes: int, offset: int) -> ir.Value:
-            index = builder.add(args[-1], ir.Constant(args[-1].type, offset))
+            base = args[8] if (extra and i in tables) else args[7]
+            index = builder.add(base, ir.Constant(base.type, offset))
             ptr = builder.gep(data_ptrs[i], [index])
             return builder.bitcast(ptr, ir.PointerType(ir.VectorType(elem, lanes)))
 
