@@ -62,14 +62,6 @@ log = logging.getLogger(__name__)
 #: Fixed low/medium gain ratio the facility uses for AGIPD's G2 relative gain.
 AGIPD_G2_OVER_G1 = 4.48
 
-#: Which entries of the gain axis are read, where a constant's "gain" axis holds parameters.
-_SELECT: dict[tuple[str, str], tuple[int, ...]] = {
-    ("agipd", "ThresholdsDark"): (0, 1),
-    ("agipd", "SlopesPC"): (0, 3),
-    ("agipd", "SlopesFF"): (0,),
-}
-
-
 @dataclass(frozen=True, eq=False)
 class DetectorConstants:
     """Constants of one module in kernel layout (cell, gain, slow_scan, fast_scan).
@@ -364,7 +356,7 @@ def _read(
                     raise ConstantsError(
                         f"{name} must be {what}, found dtype {dset.dtype}", source=src, key=name
                     )
-                select = _SELECT.get((spec.name, name))
+                select = const.select
                 if select is not None and shape[3] > max(select):
                     arrays[name] = dset[..., list(select)]
                 else:
@@ -487,7 +479,6 @@ def synth_constants(
     whole_bad = rng.random((fs, ss)) < 0.004
     for const in spec.constants:
         n_cells = cells if const.per_cell else 1
-        gains = max(const.gains) if const.name in _SYNTH[spec.name] else const.gains[-1]
         if const.badpix:
             gains = const.gains[-1]
             arr = np.zeros((fs, ss, n_cells, gains), np.uint32)

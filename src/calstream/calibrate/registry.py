@@ -46,6 +46,9 @@ class ConstantSpec:
         False: the cell axis may also be 1 (one value for every cell).
     badpix
         An integer bit set (uint32) rather than a float constant.
+    select
+        Entries of the gain axis to read, where that axis holds fit parameters (e.g. SlopesPC's
+        10): only these are read from the file; ``None`` reads all.
     use
         What the kernels take from it (documentation, shown by ``calstream constants``).
     """
@@ -55,6 +58,7 @@ class ConstantSpec:
     gains: tuple[int, ...]
     per_cell: bool = True
     badpix: bool = False
+    select: tuple[int, ...] | None = None
     use: str = ""
 
 
@@ -207,14 +211,16 @@ register_detector(
         ),
         constants=(
             ConstantSpec("Offset", True, _BAD3, use="offset per (cell, gain)"),
-            ConstantSpec("ThresholdsDark", True, (2, 3, 5), use="[..., 0] T0, [..., 1] T1"),
             ConstantSpec(
-                "SlopesPC", False, (10,),
+                "ThresholdsDark", True, (2, 3, 5), select=(0, 1), use="[..., 0] T0, [..., 1] T1"
+            ),
+            ConstantSpec(
+                "SlopesPC", False, (10,), select=(0, 3),
                 use="[..., 0] high-gain slope mH, [..., 3] medium-gain slope mM: "
                 "rel G0 = median(mH)/mH, G1 = median(mH)/mM, G2 = G1 x 4.48",
             ),
             ConstantSpec(
-                "SlopesFF", False, (1, 2, 3), per_cell=False,
+                "SlopesFF", False, (1, 2, 3), per_cell=False, select=(0,),
                 use="[..., 0] flat-field slope s: FF = median(s)/s, all gains",
             ),
             ConstantSpec("BadPixelsDark", True, _BAD3, badpix=True),
