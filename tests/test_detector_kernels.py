@@ -157,6 +157,24 @@ def test_agipd_random_against_oracle(backend, file_layout, cells) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 3),
+    ss=st.integers(1, 4),
+    fs=st.integers(1, 200),
+    cells=st.sampled_from([1, 3]),
+    file_layout=st.booleans(),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_agipd_hypothesis(backend, seed, n, ss, fs, cells, file_layout) -> None:
+    rng = np.random.default_rng(seed)
+    analog, digital, cell, offset, gain, badpix, thr = agipd_case(rng, n, ss, fs, cells)
+    consts = DetectorConstants.from_kernel("agipd", offset, gain, badpix, thr)
+    result = run_agipd(backend, consts, analog, digital, cell, file_layout=file_layout)
+    check(result, agipd_oracle(analog, digital, cell, offset, gain, badpix, thr), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_agipd_hand_computed(backend) -> None:
     # 1 cell, 1 x 4 pixels: offsets 100/200/300, gains 2/3/4, T0 1000, T1 2000
     offset = np.broadcast_to(np.array([100, 200, 300.0])[None, :, None, None], (1, 3, 1, 4))
@@ -560,3 +578,21 @@ def test_two_threads_share_a_corrector(backend) -> None:
         th.join()
     for a, b in zip(result, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_empty_train(backend) -> None:
+    """A train with no frames is valid input for every detector and option."""
+    rng = np.random.default_rng(0)
+    for name, raw_shape, options in (
+        ("agipd", (0, 2, 64, 64), {"common_mode": True, "photon_energy": 1.0}),
+        ("lpd", (0, 64, 64), {"photon_energy": 1.0}),
+        ("epix100", (0, 64, 64), {"common_mode": True, "asic_shape": (32, 32)}),
+        ("epix100", (0, 64, 64), {"common_mode": False}),
+    ):
+        gains = get_detector(name).gains
+        offset, gain, badpix = tables(rng, 1, gains, 64, 64, specials=False)
+        thr = np.zeros((1, 2, 64, 64)) if name == "agipd" else None
+        consts = DetectorConstants.from_kernel(name, offset, gain, badpix, thr)
+        corrector = make_corrector(name, consts, backend, frame_shape=None, **options)
+        corrector.correct(np.zeros(raw_shape, np.uint16), None, None, *corrector.empty_outputs(0))

@@ -149,7 +149,7 @@ def correct_epix100_cython(
     )
     bss, bfs = common_mode if common_mode is not None else (0, 0)
     module.correct_epix100(
-        raw2, off, fac, bad, out_data, out_gain.reshape(raw.shape[0], -1), out_mask, bss, bfs,
+        raw2, off, fac, bad, out_data, out_gain.reshape(raw2.shape), out_mask, bss, bfs,
         threshold, scratch,
     )  # fmt: skip
 

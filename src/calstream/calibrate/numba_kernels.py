@@ -462,13 +462,13 @@ def _photons(data, mask, inv_energy, out):
 
 
 def _rows(arr: np.ndarray, n: int) -> np.ndarray:
-    """(n, ...) C-contiguous -> (n, npix) view; read-only input stays a view."""
-    return arr.reshape(n, -1)
+    """(n, ...) C-contiguous -> (n, npix) view (also for n = 0); read-only input stays a view."""
+    return arr.reshape(n, int(np.prod(arr.shape[1:], dtype=np.int64)))
 
 
 def _planes(arr: np.ndarray, n: int, npix: int) -> np.ndarray:
     """Raw (n, ss, fs) or (n, planes, ss, fs) -> (n, planes, npix) view."""
-    return arr.reshape(n, -1, npix)
+    return arr.reshape(n, 1 if arr.ndim == 3 else arr.shape[1], npix)
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
