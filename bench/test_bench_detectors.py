@@ -141,7 +141,7 @@ def test_memory_copy(benchmark, rates, cases, name) -> None:
     raw = cases[name].raw
     dst = np.empty_like(raw)
     benchmark.pedantic(np.copyto, (dst, raw), rounds=ROUNDS * 5, warmup_rounds=2)
-    rates.add(_copy_label(name), raw.nbytes, benchmark)
+    rates.add(_copy_label(name), raw.nbytes, benchmark, copy=_copy_label(name))
 
 
 def _run(corrector, case: Case, outs, pool, threads: int):
