@@ -518,6 +518,9 @@ def test_corrector_errors() -> None:
     with pytest.raises(DataError, match=r"image\.gain"):
         corrector.correct(image[:, 0], np.zeros((2, 16, 15), np.uint16), np.array([0, 1]),
                           data, gain, mask)  # fmt: skip
+    with pytest.raises(DataError, match=r"online style .* image\.gain must come with it"):
+        corrector.correct_module({"image.data": image[:, 0], "image.cellId": np.zeros(2, int)},
+                                 data, gain, mask)  # fmt: skip
     with pytest.raises(DataError, match="output buffer must be float32"):
         corrector.correct(image, None, np.array([0, 1]), data[:1], gain, mask)
     with pytest.raises(ConstantsError, match=r"frames of \(16, 16\), expected \(512, 128\)"):

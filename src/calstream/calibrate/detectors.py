@@ -492,6 +492,12 @@ class AgipdCorrector(Corrector):
     def _correct(self, image, gain, cell, out_data, out_gain, out_mask, where) -> None:
         fshape = self.frame_shape
         key = "image.data"
+        if gain is None and isinstance(image, np.ndarray) and image.ndim == 3:
+            raise DataError(
+                f"image.data {image.shape} is online style (analog only): image.gain must come "
+                f"with it, or image.data must be file style (frames, 2, {fshape[0]}, {fshape[1]})",
+                key=key, **where,
+            )  # fmt: skip
         if gain is None:
             image = self._input(image, key, np.uint16, ("frames", 2, *fshape), where)
             args = (image, 0, image, 1)
