@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CalstreamError
+from .errors import CalstreamError, ConfigError
 
 __all__ = ["main"]
 
@@ -89,8 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     const = sub.add_parser("constants", help="calibration constants")
     const_sub = const.add_subparsers(required=True, metavar="ACTION")
     synth = const_sub.add_parser("synth", help="write synthetic constants in the facility layout")
-    synth.add_argument("--detector", default="jungfrau", choices=["jungfrau"])
-    synth.add_argument("--cells", type=int, default=16, choices=[1, 16])
+    synth.add_argument(
+        "--detector", default="jungfrau", choices=["jungfrau", "agipd", "lpd", "epix100"]
+    )
+    synth.add_argument(
+        "--cells", type=int, help="memory cells (default 16, ePix100 1; JUNGFRAU 1 or 16)"
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("-o", "--output", required=True, help="HDF5 file to write")
     synth.set_defaults(func=_cmd_constants_synth)
@@ -275,10 +279,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_constants_synth(args: argparse.Namespace) -> int:
-    from .calibrate import synth_jungfrau_constants
+    from .calibrate import get_detector, synth_constants
 
-    path = synth_jungfrau_constants(Path(args.output), cells=args.cells, seed=args.seed)
-    print(f"wrote synthetic {args.detector} constants ({args.cells} cells) to {path}")
+    spec = get_detector(args.detector)
+    cells = args.cells if args.cells is not None else min(16, spec.max_cells)
+    allowed = (1, 16) if spec.name == "jungfrau" else range(1, spec.max_cells + 1)
+    if cells not in allowed:
+        raise ConfigError(
+            f"{spec.name} has {'1 or 16' if spec.name == 'jungfrau' else f'1 to {spec.max_cells}'}"
+            f" memory cells. Got {cells} instead.",
+            key="--cells",
+        )
+    path = synth_constants(spec.name, Path(args.output), cells=cells, seed=args.seed)
+    print(f"wrote synthetic {spec.name} constants ({cells} cells) to {path}")
     return 0
 
 

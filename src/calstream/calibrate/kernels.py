@@ -36,7 +36,14 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["BLOCK", "check_kernel_args", "correct_jungfrau_numba", "warmup_numba"]
+__all__ = [
+    "BLOCK",
+    "check_kernel_args",
+    "correct_jungfrau_numba",
+    "make_g0_stream64",
+    "store_fence",
+    "warmup_numba",
+]
 
 #: Pixels per block: small enough that the G0-only test succeeds often, large enough to
 #: amortise the per-block work.
@@ -136,14 +143,40 @@ _LANES = 16  # pixels per vector operation
 _STREAM = 64  # pixels per streamed step: one 64-byte cache line of gain
 
 
-@intrinsic
-def _g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k):
-    """G0 correction of pixels ``k:k+64`` with non-temporal stores.
+def make_g0_stream64(adc_mask: int, table_index: bool = False):
+    """An intrinsic ``(adc, offset, factor, badpix, out_data, out_gain, out_mask, k)`` doing
+    the G0 correction ``((adc & adc_mask) - offset) * factor + 0.0`` of pixels ``k:k+64``
+    with non-temporal stores (gain 0, mask = badpix); shared by the detectors' kernels.
 
     The outputs must be 64-byte aligned at ``k``. Written as 16-lane vectors, which LLVM maps
-    onto what the CPU has (one AVX-512 or two AVX2 registers each).
+    onto what the CPU has (one AVX-512 or two AVX2 registers each). With ``table_index`` the
+    intrinsic takes a ninth argument, the index into ``offset``, ``factor`` and ``badpix``
+    (frames flattened into one row while the tables stay one frame long).
     """
-    sig = types.void(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k)
+    if table_index:
+
+        @intrinsic
+        def g0_stream64_2(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain,
+                          out_mask, k, kt):  # fmt: skip
+            return _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain,
+                                      out_mask, k, adc_mask, kt)  # fmt: skip
+
+        return g0_stream64_2
+
+    @intrinsic
+    def g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k):
+        return _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k,
+                                  adc_mask)  # fmt: skip
+
+    return g0_stream64
+
+
+def _g0_stream64_typed(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k, adc_mask,
+                       kt=None):  # fmt: skip
+    """Signature and code generator of :func:`make_g0_stream64`'s intrinsic."""
+    extra = () if kt is None else (kt,)
+    sig = types.void(adc, offset, inv_gain, badpix, out_data, out_gain, out_mask, k, *extra)
+    tables = (1, 2, 3)  # offset, factor, badpix: indexed by kt when given
 
     def codegen(context, builder, signature, args):
         i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -153,7 +186,8 @@ def _g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, o
         ]
 
         def vector_ptr(i: int, elem: ir.Type, lanes: int, offset: int) -> ir.Value:
-            index = builder.add(args[-1], ir.Constant(args[-1].type, offset))
+            base = args[8] if (extra and i in tables) else args[7]
+            index = builder.add(base, ir.Constant(base.type, offset))
             ptr = builder.gep(data_ptrs[i], [index])
             return builder.bitcast(ptr, ir.PointerType(ir.VectorType(elem, lanes)))
 
@@ -166,7 +200,7 @@ def _g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, o
         for j in range(0, _STREAM, _LANES):
             raw = builder.load(vector_ptr(0, i16, _LANES, j), align=2)
             value = builder.uitofp(
-                builder.and_(raw, splat(i16, 0x3FFF)), ir.VectorType(f32, _LANES)
+                builder.and_(raw, splat(i16, adc_mask)), ir.VectorType(f32, _LANES)
             )
             value = builder.fsub(value, builder.load(vector_ptr(1, f32, _LANES, j), align=4))
             value = builder.fmul(value, builder.load(vector_ptr(2, f32, _LANES, j), align=4))
@@ -178,6 +212,9 @@ def _g0_stream64(typingctx, adc, offset, inv_gain, badpix, out_data, out_gain, o
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+_g0_stream64 = make_g0_stream64(0x3FFF)
 
 
 @intrinsic
@@ -354,3 +391,6 @@ def warmup_numba() -> None:
     outs = (np.empty(shape, np.float32), np.empty(shape, np.uint8), np.empty(shape, np.uint32))
     correct_jungfrau_numba(adc, None, cell, offset, inv, badpix, *outs)
     correct_jungfrau_numba(adc, gain, cell, offset, inv, badpix, *outs)
+
+
+store_fence = _store_fence

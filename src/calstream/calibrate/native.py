@@ -15,12 +15,25 @@ from types import ModuleType
 import numpy as np
 
 from calstream.calibrate.kernels import check_kernel_args
+from calstream.calibrate.numba_kernels import (
+    check_common_mode,
+    prepare_agipd,
+    prepare_epix100,
+    prepare_lpd,
+    prepare_photons,
+)
 
 __all__ = [
     "NO_EXTENSIONS_ENV",
+    "common_mode_asics_cython",
+    "common_mode_lines_cython",
+    "correct_agipd_cython",
+    "correct_epix100_cython",
     "correct_jungfrau_cython",
+    "correct_lpd_cython",
     "native_available",
     "native_unavailable_reason",
+    "photons_cython",
     "stream_stores",
 ]
 
@@ -96,3 +109,79 @@ def correct_jungfrau_cython(
     cell = np.ascontiguousarray(cell, dtype=np.intp)
     check_kernel_args(adc, gain, cell, offset, inv_gain, badpix, out_data, out_gain, out_mask)
     module.correct_jungfrau(adc, gain, cell, offset, inv_gain, badpix, out_data, out_gain, out_mask)
+
+
+def _module() -> ModuleType:
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"Cython kernels unavailable: {reason}")
+    return module
+
+
+def correct_agipd_cython(*args: np.ndarray | int) -> None:
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.correct_agipd_numba`."""
+    module = _module()
+    module.correct_agipd(*prepare_agipd(*args))
+
+
+def correct_lpd_cython(*args: np.ndarray | int) -> None:
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.correct_lpd_numba`."""
+    module = _module()
+    module.correct_lpd(*prepare_lpd(*args))
+
+
+def correct_epix100_cython(
+    raw: np.ndarray,
+    offset: np.ndarray,
+    factor: np.ndarray,
+    badpix: np.ndarray,
+    out_data: np.ndarray,
+    out_gain: np.ndarray,
+    out_mask: np.ndarray,
+    common_mode: tuple[int, int] | None,
+    threshold: float,
+    scratch: np.ndarray,
+) -> None:
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.correct_epix100_numba`."""
+    module = _module()
+    raw2, off, fac, bad = prepare_epix100(
+        raw, offset, factor, badpix, out_data, out_gain, out_mask, common_mode, scratch
+    )
+    bss, bfs = common_mode if common_mode is not None else (0, 0)
+    module.correct_epix100(
+        raw2, off, fac, bad, out_data, out_gain.reshape(raw2.shape), out_mask, bss, bfs,
+        threshold, scratch,
+    )  # fmt: skip
+
+
+def common_mode_asics_cython(
+    data: np.ndarray,
+    gain: np.ndarray,
+    mask: np.ndarray,
+    block: tuple[int, int],
+    stage: int,
+    threshold: float,
+    scratch: np.ndarray,
+) -> None:
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.common_mode_asics_numba`."""
+    module = _module()
+    check_common_mode(data, gain, mask, block, scratch)
+    module.common_mode_asics(data, gain, mask, *block, stage, threshold, scratch)
+
+
+def common_mode_lines_cython(
+    data: np.ndarray, mask: np.ndarray, block: tuple[int, int], threshold: float,
+    scratch: np.ndarray,
+) -> None:  # fmt: skip
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.common_mode_lines_numba`."""
+    module = _module()
+    check_common_mode(data, None, mask, block, scratch)
+    module.common_mode_lines(data, mask, *block, threshold, scratch)
+
+
+def photons_cython(
+    data: np.ndarray, mask: np.ndarray, photon_energy: float, out: np.ndarray
+) -> None:
+    """Cython twin of :func:`~calstream.calibrate.numba_kernels.photons_numba`."""
+    module = _module()
+    module.photons(*prepare_photons(data, mask, photon_energy, out))
