@@ -47,7 +47,7 @@ def test_config_is_frozen():
         ("[calibration]\ncells = 4\n", "calibration.cells", "1 or 16"),
         ("[pipeline]\nworkers = 0\n", "pipeline.workers", ">= 1"),
         ("[outptu]\nrun = 1\n", "outptu", "unknown section"),
-        ("[output]\ncompression = { data = 'none' }\n", "output.compression", "adc, gain"),
+        ("[output]\ncompression = { pixels = 'none' }\n", "output.compression", "adc, gain"),
         ("[output]\nrun = 10000\n", "output.run", "from 0 to 9999"),
         ("[output]\nproposal = 5000000000\n", "output.proposal", "from 0 to 4294967295"),
         ("[source]\ndetector_id = 'SPB.JF'\n", "source.detector_id", "corrected source name"),

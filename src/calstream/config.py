@@ -71,10 +71,10 @@ class SourceConfig:
     endpoints: tuple[str, ...] = ()
     pattern: Literal["pull", "sub", "req"] = "pull"
     bind: bool = False
-    detector: Literal["jungfrau"] = "jungfrau"
-    detector_id: str = "SPB_IRDA_JF4M"
+    detector: str = "jungfrau"
+    detector_id: str = ""  # empty: the detector's typical name (registry)
     modules: tuple[int, ...] = (1,)
-    input_source: str = "{detector_id}/DET/JNGFR{module:02d}:daqOutput"
+    input_source: str = ""  # empty: the detector's raw source template (registry)
     gain_mode: Literal["auto", "bits", "array"] = "auto"
     idle_timeout: float = 0.0
 
@@ -92,21 +92,51 @@ class SourceConfig:
             )
         _require(len(set(self.all_endpoints)) == len(self.all_endpoints), "endpoints",
                  "has duplicates")
-        _require(len(self.modules) > 0, "modules", "must name at least one module")
+        from .calibrate.registry import detector_names
+
         _require(
-            all(1 <= m <= 99 for m in self.modules),
+            self.detector in detector_names(),
+            "detector",
+            f"must be one of {', '.join(detector_names())}. Got {self.detector!r}.",
+        )
+        _require(len(self.modules) > 0, "modules", "must name at least one module")
+        first = self.spec.first_module
+        _require(
+            all(first <= m <= 99 for m in self.modules),
             "modules",
-            f"JUNGFRAU modules are numbered from 1 to 99. Got {list(self.modules)}.",
+            f"{self.detector} modules are numbered from {first} to 99. Got {list(self.modules)}.",
         )
         _require(len(set(self.modules)) == len(self.modules), "modules", "has duplicates")
         _require(self.idle_timeout >= 0, "idle_timeout", "must be >= 0 (0 waits forever)")
         try:
-            self.input_source.format(detector_id=self.detector_id, module=1)
+            names = {self.resolved().source_name(m) for m in self.modules}
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(
                 f"must be a template using {{detector_id}} and {{module}}: {exc}",
                 key="input_source",
             ) from exc
+        _require(
+            len(names) == len(self.modules), "input_source",
+            f"gives the same source name to several modules ({sorted(names)}): use {{module}}",
+        )
+
+    @property
+    def spec(self) -> Any:
+        """The detector's registry entry (:class:`~calstream.calibrate.DetectorSpec`)."""
+        from .calibrate.registry import get_detector
+
+        return get_detector(self.detector)
+
+    def resolved(self) -> SourceConfig:
+        """This config with the detector's defaults filled in where a key was left empty."""
+        if self.detector_id and self.input_source:
+            return self
+        spec = self.spec
+        return dataclasses.replace(
+            self,
+            detector_id=self.detector_id or spec.detector_id,
+            input_source=self.input_source or spec.raw_source,
+        )
 
     @property
     def all_endpoints(self) -> tuple[str, ...]:
@@ -123,12 +153,21 @@ class CalibrationConfig:
     """Correction backend and constants."""
 
     backend: Literal["numba", "cython", "numpy"] = "numba"
-    constants: str = "constants/jungfrau-JNGFR{module:02d}.h5"
-    cells: int = 16
+    constants: str = ""  # empty: constants/<detector>-<module name>.h5
+    cells: int = 0  # 0: the detector's default (JUNGFRAU 16, AGIPD/LPD 64, ePix100 1)
     synthesize_missing: bool = True
+    photon_energy: float = 0.0
+    common_mode: bool = False
+    cm_threshold: float = 0.0  # 0: the detector's default
 
     def check(self) -> None:
-        _require(self.cells in (1, 16), "cells", f"JUNGFRAU has 1 or 16 cells. Got {self.cells}.")
+        _require(self.cells >= 0, "cells", f"must be >= 1 (0: the detector's default). Got "
+                 f"{self.cells}.")
+        _require(self.photon_energy >= 0 and self.photon_energy != float("inf"),
+                 "photon_energy",
+                 f"must be > 0 (photon counts) or 0 (float32 energies). Got {self.photon_energy}.")
+        _require(self.cm_threshold >= 0, "cm_threshold",
+                 f"must be > 0 (0: the detector's default). Got {self.cm_threshold}.")
         try:
             self.constants.format(module=1)
         except (KeyError, IndexError, ValueError) as exc:
@@ -151,7 +190,7 @@ class OutputConfig:
     proposal: int = 900000
     trains_per_file: int = 50
     detector_id: str = ""
-    aggregator: str = "JNGFR"
+    aggregator: str = ""  # empty: the detector's (JNGFR, AGIPD, LPD, EPIX)
     compression: Mapping[str, str] = field(
         default_factory=lambda: {
             "adc": "bitshuffle-lz4",
@@ -210,15 +249,22 @@ class OutputConfig:
             f"must be >= 1. Got {self.trains_per_file}.",
         )
         _require(
-            bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,15}", self.aggregator)),
+            not self.aggregator
+            or bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,15}", self.aggregator)),
             "aggregator",
             f"must be a letter then up to 15 letters or digits. Got {self.aggregator!r}.",
         )
-        unknown = set(self.compression) - {"adc", "gain", "mask"}
+        unknown = set(self.compression) - {"adc", "data", "gain", "mask"}
         _require(
             not unknown,
             "compression",
-            f"knows the datasets adc, gain and mask. Got {sorted(unknown)}.",
+            f"knows the datasets adc, gain and mask (data: another name for adc). "
+            f"Got {sorted(unknown)}.",
+        )
+        _require(
+            not {"adc", "data"} <= set(self.compression),
+            "compression",
+            "names the corrected data twice: adc and data are the same dataset",
         )
         for dataset, spec in self.compression.items():
             try:
@@ -455,17 +501,65 @@ class Config:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     path: str = EMBEDDED
 
+    def __post_init__(self) -> None:
+        # Keys left empty take the detector's defaults, so `calstream check` shows real values.
+        from .calibrate.registry import detector_names
+
+        if self.source.detector not in detector_names():
+            return  # SourceConfig.check says so
+        source = self.source.resolved()
+        spec = source.spec
+        cal = self.calibration
+        calibration = dataclasses.replace(
+            cal,
+            constants=cal.constants or f"constants/{spec.name}-{spec.module_name}.h5",
+            cells=cal.cells or spec.default_cells,
+            cm_threshold=cal.cm_threshold or spec.cm_threshold,
+        )
+        output = dataclasses.replace(
+            self.output, aggregator=self.output.aggregator or spec.aggregator
+        )
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "calibration", calibration)
+        object.__setattr__(self, "output", output)
+
     @property
     def output_detector_id(self) -> str:
         return self.output.detector_id or self.source.detector_id
 
     def output_source(self, module: int) -> str:
-        """Corrected source name of one module, as EXtra-data's JUNGFRAU component expects."""
-        return f"{self.output_detector_id}/CORR/JNGFR{module:02d}:output"
+        """Corrected source name of one module, as EXtra-data's detector components expect
+        (``<id>/CORR/JNGFR01:output``, ``<id>/CORR/3CH0:output``, ...)."""
+        return self.source.spec.corr_source.format(
+            detector_id=self.output_detector_id, module=module
+        )
 
     def check(self) -> None:
-        """Checks across sections: the source names the files will hold."""
+        """Checks across sections: cells and options against the detector, the source names
+        the files will hold."""
         from .store import check_source_name
+
+        spec = self.source.spec
+        cal = self.calibration
+        # JUNGFRAU runs with 1 or 16 storage cells; the others with any number up to theirs.
+        allowed = (1, 16) if spec.name == "jungfrau" else range(1, spec.max_cells + 1)
+        if cal.cells not in allowed:
+            say = "1 or 16" if spec.name == "jungfrau" else f"1 to {spec.max_cells}"
+            raise ConfigError(
+                f"{spec.name} has {say} memory cells. Got {cal.cells}.", key="calibration.cells"
+            )
+        if cal.common_mode and not spec.common_mode:
+            with_cm = [n for n in _detector_specs() if n.common_mode]
+            raise ConfigError(
+                f"{spec.name} has no common-mode correction (only "
+                f"{', '.join(s.name for s in with_cm)}). Set it to false.",
+                key="calibration.common_mode",
+            )
+        if len({self.output_source(m) for m in self.source.modules}) != len(self.source.modules):
+            raise ConfigError(
+                f"{spec.name} has one module per detector name; give each its own "
+                "source.detector_id (one process per ePix100)", key="source.modules",
+            )
 
         key = "output.detector_id" if self.output.detector_id else "source.detector_id"
         for module in self.source.modules:
@@ -482,6 +576,12 @@ class Config:
         out = dataclasses.asdict(self)
         out.pop("path")
         return out
+
+
+def _detector_specs() -> list[Any]:
+    from .calibrate.registry import detector_names, get_detector
+
+    return [get_detector(name) for name in detector_names()]
 
 
 _SECTIONS: dict[str, type] = {

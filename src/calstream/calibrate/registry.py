@@ -94,6 +94,20 @@ class DetectorSpec:
     module_name: str  # e.g. "AGIPD{module:02d}", used in file and source names
     corrector: str  # class name in calstream.calibrate.detectors
     derive: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    # How a pipeline names things (defaults of the config; placeholders {detector_id}, {module}):
+    raw_source: str = "{detector_id}/DET/{module}CH0:xtdf"  # input source of a module
+    corr_source: str = "{detector_id}/CORR/{module}CH0:output"  # corrected source in the files
+    detector_id: str = ""  # a typical detector name, the config's default
+    default_cells: int = 1  # calibration.cells when the config does not say
+    first_module: int = 0  # module numbers start here (XTDF channels from 0, JUNGFRAU from 1)
+    exdf_layout: str = "xtdf"  # corrected-file layout (calstream.store.exdf.layout_for)
+    common_mode: bool = False  # whether the corrector has an optional common-mode step
+    cm_threshold: float = 0.0  # its default photon-hit cut (output units)
+
+    @property
+    def aggregator(self) -> str:
+        """File-name part before the module number (``AGIPD`` from ``AGIPD{module:02d}``)."""
+        return self.module_name.split("{", 1)[0]
 
     @property
     def output_dtypes(self) -> dict[str, np.dtype]:
@@ -188,6 +202,12 @@ register_detector(
         module_name="JNGFR{module:02d}",
         corrector="JungfrauCorrector",
         derive=_facility.derive_jungfrau,
+        raw_source="{detector_id}/DET/JNGFR{module:02d}:daqOutput",
+        corr_source="{detector_id}/CORR/JNGFR{module:02d}:output",
+        detector_id="SPB_IRDA_JF4M",
+        default_cells=16,
+        first_module=1,
+        exdf_layout="jungfrau",
     )
 )
 
@@ -233,6 +253,10 @@ register_detector(
         module_name="AGIPD{module:02d}",
         corrector="AgipdCorrector",
         derive=_facility.derive_agipd,
+        detector_id="SPB_DET_AGIPD1M-1",
+        default_cells=64,
+        common_mode=True,
+        cm_threshold=20.0,
     )
 )
 
@@ -265,6 +289,8 @@ register_detector(
         module_name="LPD{module:02d}",
         corrector="LpdCorrector",
         derive=_facility.derive_lpd,
+        detector_id="FXE_DET_LPD1M-1",
+        default_cells=64,
     )
 )
 
@@ -297,5 +323,13 @@ register_detector(
         module_name="EPIX{module:02d}",
         corrector="Epix100Corrector",
         derive=_facility.derive_epix100,
+        raw_source="{detector_id}/DET/RECEIVER:daqOutput",
+        corr_source="{detector_id}/CORR/RECEIVER:daqOutput",
+        detector_id="MID_EXP_EPIX-1",
+        default_cells=1,
+        first_module=1,
+        exdf_layout="epix100",
+        common_mode=True,
+        cm_threshold=50.0,
     )
 )

@@ -22,6 +22,7 @@ from calstream.store.exdf import (
     ExdfFileWriter,
     SequenceWriter,
     check_source_name,
+    layout_for,
     read_file_info,
 )
 from calstream.store.records import FileInfo, StoredFile
@@ -49,6 +50,7 @@ __all__ = [
     "check_int",
     "check_source_name",
     "get_codec",
+    "layout_for",
     "open_destination",
     "parse_codec",
     "read_file_info",

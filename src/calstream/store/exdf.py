@@ -16,8 +16,11 @@ A file holds one detector module (one INSTRUMENT source) for a run of consecutiv
 
 For JUNGFRAU an entry is a train (memory cells on axis 1): a train whose module is missing gets
 ``count`` 0 and no entry, so the datasets hold exactly the trains with data, contiguously, and
-``INDEX first/count`` map trains to entries. The per-detector dataset list is data
-(:class:`ExdfLayout`), not code.
+``INDEX first/count`` map trains to entries. XTDF detectors (AGIPD, LPD) have one entry per
+frame in group ``image`` (``image/{data, gain, mask}`` (frames, ss, fs), ``image/{trainId,
+pulseId, cellId}``, ``count`` = frames of the train); ePix100 one entry per train without a
+cell axis (``data/image/{pixels, gain, mask}`` (trains, ss, fs)). The per-detector dataset
+list is data (:class:`ExdfLayout`, :func:`layout_for`), not code.
 
 Only cheap work happens per train: the big datasets receive chunks compressed elsewhere
 (``dset.id.write_direct_chunk``), the small per-train values and the index are kept in memory
@@ -52,12 +55,15 @@ from calstream.store.spool import (
 )
 
 __all__ = [
+    "EPIX100_LAYOUT",
     "JUNGFRAU_LAYOUT",
     "PROPOSAL_RANGE",
+    "XTDF_LAYOUT",
     "ExdfFileWriter",
     "ExdfLayout",
     "SequenceWriter",
     "check_source_name",
+    "layout_for",
     "read_file_info",
 ]
 
@@ -88,15 +94,18 @@ def check_source_name(name: str, *, key: str = "source") -> None:
 class ExdfLayout:
     """The datasets a detector family has in its corrected files.
 
-    ``images`` are per-frame pixel arrays, stored as one pre-encoded chunk per frame;
-    ``per_cell`` are small per-frame values; one entry holds a whole train with the frames
-    (memory cells) on axis 1, the JUNGFRAU convention. (XTDF detectors, with one entry per
-    frame in group ``image``, are the next layout to add.)
+    ``images`` are per-frame pixel arrays (name relative to ``group``, dtype), stored as one
+    pre-encoded chunk per frame; ``per_cell`` are small per-frame values. With ``per_frame``
+    (XTDF) every frame is an entry and a train's ``count`` is its number of frames; otherwise
+    an entry is a train, with the frames (memory cells) on axis 1 when ``cell_axis``
+    (JUNGFRAU) or exactly one frame and no such axis (ePix100).
     """
 
     group: str
     images: tuple[tuple[str, str], ...]
     per_cell: tuple[tuple[str, str], ...]
+    per_frame: bool = False
+    cell_axis: bool = True
 
     @property
     def image_names(self) -> tuple[str, ...]:
@@ -113,6 +122,38 @@ JUNGFRAU_LAYOUT = ExdfLayout(
     images=(("adc", "float32"), ("gain", "uint8"), ("mask", "uint32")),
     per_cell=(("memoryCell", "uint8"), ("frameNumber", "uint64")),
 )
+
+#: Corrected AGIPD / LPD (XTDF): group ``image``, one entry per frame.
+XTDF_LAYOUT = ExdfLayout(
+    group="image",
+    images=(("data", "float32"), ("gain", "uint8"), ("mask", "uint32")),
+    per_cell=(("cellId", "uint16"), ("pulseId", "uint64")),
+    per_frame=True,
+)
+
+#: Corrected ePix100: group ``data``, one frame per train, keys ``data.image.*``.
+EPIX100_LAYOUT = ExdfLayout(
+    group="data",
+    images=(("image/pixels", "float32"), ("image/gain", "uint8"), ("image/mask", "uint32")),
+    per_cell=(),
+    cell_axis=False,
+)
+
+_LAYOUTS = {"jungfrau": JUNGFRAU_LAYOUT, "xtdf": XTDF_LAYOUT, "epix100": EPIX100_LAYOUT}
+
+
+def layout_for(kind: str, data_dtype: Any = np.float32) -> ExdfLayout:
+    """A corrected-file layout (``"jungfrau"``, ``"xtdf"``, ``"epix100"``: a detector spec's
+    ``exdf_layout``), its first image (the corrected data) of ``data_dtype`` (int16 for photon
+    counts)."""
+    try:
+        layout = _LAYOUTS[kind]
+    except KeyError:
+        raise ConfigError(
+            f"no file layout {kind!r}; known: {', '.join(_LAYOUTS)}", key="exdf_layout"
+        ) from None
+    (name, _), *rest = layout.images
+    return replace(layout, images=((name, np.dtype(data_dtype).name), *rest))
 
 
 def _calstream_version() -> str:
@@ -209,11 +250,14 @@ class ExdfFileWriter:
         self._train_ids = np.zeros(max_trains, np.uint64)
         self._timestamps = np.zeros(max_trains, np.uint64)
         self._counts = np.zeros(max_trains, np.uint64)
+        # Per-frame layouts keep one value per entry (frame), the others (trains, cells).
+        per_cell_shape = (max_trains * cells,) if layout.per_frame else (max_trains, cells)
         self._per_cell = {
-            name: np.zeros((max_trains, cells), dtype) for name, dtype in layout.per_cell
+            name: np.zeros(per_cell_shape, dtype) for name, dtype in layout.per_cell
         }
         self.trains = 0  # trains recorded in INDEX
-        self.entries = 0  # trains with data
+        self.entries = 0  # entries written: trains with data, or frames (per_frame)
+        self.frames = 0
         self.bytes_written = 0  # compressed chunk bytes
         self._last_train = -1
         self._info: FileInfo | None = None
@@ -224,13 +268,18 @@ class ExdfFileWriter:
             self._file = h5py.File(self.path, "x")
             self._write_metadata(self._file)
             grp = self._file.create_group(f"INSTRUMENT/{source}/{layout.group}")
+            if layout.per_frame:
+                entries, shape = max_trains * cells, self.frame_shape
+            elif layout.cell_axis:
+                entries, shape = max_trains, (cells, *self.frame_shape)
+            else:
+                entries, shape = max_trains, self.frame_shape
             for name, dtype in layout.images:
-                shape = (cells, *self.frame_shape)
                 ds = grp.create_dataset(
                     name,
-                    shape=(max_trains, *shape),
+                    shape=(entries, *shape),
                     maxshape=(None, *shape),
-                    chunks=(1, 1, *self.frame_shape),
+                    chunks=(*(1,) * (len(shape) - 1), *self.frame_shape),
                     dtype=dtype,
                     **self.codecs[name].dataset_kwargs(),
                 )
@@ -294,23 +343,35 @@ class ExdfFileWriter:
                 f"negative timestamp {timestamp_ns}", source=self.source, train_id=train_id
             )
         if chunks is not None:
-            values = self._check_train(train_id, chunks, small)
+            values, frames = self._check_train(train_id, chunks, small)
             entry = self.entries
+            layout = self.layout
             try:
-                for dsid, name in zip(self._dsids, self.layout.image_names, strict=True):
+                for dsid, name in zip(self._dsids, layout.image_names, strict=True):
                     for cell, buf in enumerate(chunks[name]):
-                        dsid.write_direct_chunk((entry, cell, 0, 0), buf)
+                        if layout.per_frame:
+                            offset: tuple[int, ...] = (entry + cell, 0, 0)
+                        elif layout.cell_axis:
+                            offset = (entry, cell, 0, 0)
+                        else:
+                            offset = (entry, 0, 0)
+                        dsid.write_direct_chunk(offset, buf)
             except (OSError, ValueError, RuntimeError, TypeError) as exc:
                 raise StoreError(
                     f"writing to {self.path} failed: {exc}", source=self.source, train_id=train_id
                 ) from exc
+            count = frames if layout.per_frame else 1
             for name, value in values.items():
-                self._per_cell[name][entry] = value
+                if layout.per_frame:
+                    self._per_cell[name][entry : entry + frames] = value
+                else:
+                    self._per_cell[name][entry] = value
             self.bytes_written += sum(
-                memoryview(b).nbytes for name in self.layout.image_names for b in chunks[name]
+                memoryview(b).nbytes for name in layout.image_names for b in chunks[name]
             )
-            self.entries += 1
-            self._counts[self.trains] = 1
+            self.entries += count
+            self.frames += frames
+            self._counts[self.trains] = count
         self._train_ids[self.trains] = train_id
         self._timestamps[self.trains] = timestamp_ns
         self.trains += 1
@@ -321,7 +382,7 @@ class ExdfFileWriter:
         train_id: int,
         chunks: Mapping[str, Sequence[Buffer]],
         small: Mapping[str, np.ndarray] | None,
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], int]:
         def fail(msg: str, key: str | None = None) -> DataError:
             return DataError(msg, source=self.source, train_id=train_id, key=key)
 
@@ -329,14 +390,23 @@ class ExdfFileWriter:
             raise fail(
                 f"chunks for {sorted(self.layout.image_names)} expected, got {sorted(chunks)}"
             )
+        first = self.layout.image_names[0]
+        frames = len(chunks[first])
+        if self.layout.per_frame:
+            if not 1 <= frames <= self.cells:
+                raise fail(f"1 to {self.cells} chunks (one per frame) expected, got {frames}",
+                           key=first)
+        elif frames != (self.cells if self.layout.cell_axis else 1):
+            want = self.cells if self.layout.cell_axis else 1
+            raise fail(f"{want} chunks (one per cell) expected, got {frames}", key=first)
         for name, dtype in self.layout.images:
             if self.codecs[name].name == "none":  # unfiltered: HDF5 trusts the chunk size
                 need = np.dtype(dtype).itemsize * int(np.prod(self.frame_shape))
                 if any(memoryview(b).nbytes != need for b in chunks[name]):
                     raise fail(f"unfiltered chunks must be {need} bytes", key=name)
-            if len(chunks[name]) != self.cells:
+            if len(chunks[name]) != frames:
                 raise fail(
-                    f"{self.cells} chunks (one per cell) expected, got {len(chunks[name])}",
+                    f"{frames} chunks (one per frame) expected, got {len(chunks[name])}",
                     key=name,
                 )
         small = small or {}
@@ -346,12 +416,13 @@ class ExdfFileWriter:
                 f"got {sorted(small)}"
             )
         values = {}
+        n = frames if self.layout.per_frame else self.cells
         for name in self.layout.per_cell_names:
             value = np.asarray(small[name])
-            if value.shape != (self.cells,):
-                raise fail(f"shape ({self.cells},) expected, got {value.shape}", key=name)
+            if value.shape != (n,):
+                raise fail(f"shape ({n},) expected, got {value.shape}", key=name)
             values[name] = value
-        return values
+        return values, frames
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -372,11 +443,12 @@ class ExdfFileWriter:
                 grp[name].resize(n, axis=0)
             for name, buf in self._per_cell.items():
                 grp.create_dataset(name, data=buf[:n])
-            grp.create_dataset("trainId", data=self._train_ids[:t][self._counts[:t] > 0])
+            counts = self._counts[:t]
+            entry_trains = np.repeat(self._train_ids[:t], counts.astype(np.intp))
+            grp.create_dataset("trainId", data=entry_trains)
             f.create_dataset("INDEX/trainId", data=self._train_ids[:t])
             f.create_dataset("INDEX/flag", data=np.ones(t, np.int32))
             f.create_dataset("INDEX/timestamp", data=self._timestamps[:t])
-            counts = self._counts[:t]
             first = np.zeros(t, np.uint64)
             np.cumsum(counts[:-1], out=first[1:])
             index = f.create_group(f"INDEX/{self.source}/{self.layout.group}")
@@ -407,10 +479,10 @@ class ExdfFileWriter:
             first_train=first_train,
             last_train=last_train,
             trains=t,
-            frames=n * self.cells,
+            frames=self.frames,
             compression={name: codec.spec for name, codec in self.codecs.items()},
             constants=self.provenance,
-            raw_bytes=raw * n * self.cells,
+            raw_bytes=raw * self.frames,
         )
         log.debug("closed %s: %d trains, %d with data, %d bytes", self.path, t, n, size)
         return self._info
@@ -650,12 +722,12 @@ def read_file_info(path: str | os.PathLike[str]) -> FileInfo:
             frames = raw = 0
             for src_id, src in zip(source_ids, sources, strict=True):
                 group = src_id.rpartition("/")[2]
-                cells = 0
                 counts = f[f"INDEX/{src}/{group}/count"][:]
-                for ds in f[f"INSTRUMENT/{src}/{group}"].values():
-                    if isinstance(ds, h5py.Dataset) and ds.ndim == 4:
-                        raw += ds.size * ds.dtype.itemsize
-                        cells = ds.shape[1]
+                images = _image_datasets(f[f"INSTRUMENT/{src}/{group}"])
+                for ds in images:
+                    raw += ds.size * ds.dtype.itemsize
+                # (trains, cells, ss, fs): cells frames per entry; else one frame per entry
+                cells = images[0].shape[1] if images and images[0].ndim == 4 else 1
                 frames += int(counts.sum()) * cells
             codecs = json.loads(ours.attrs["codecs"])
             return FileInfo(
@@ -678,6 +750,18 @@ def read_file_info(path: str | os.PathLike[str]) -> FileInfo:
             )
     except (OSError, KeyError, ValueError, IndexError) as exc:
         raise StoreError(f"cannot read file info from {path}: {exc}") from exc
+
+
+def _image_datasets(group: h5py.Group) -> list[h5py.Dataset]:
+    """The pixel datasets (3 or more axes) under ``group``, nested ones included."""
+    found: list[h5py.Dataset] = []
+
+    def visit(_name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.ndim >= 3:
+            found.append(obj)
+
+    group.visititems(visit)
+    return found
 
 
 def _codec_spec(options: dict[str, Any]) -> str:
