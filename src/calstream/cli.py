@@ -70,13 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     check.set_defaults(func=_cmd_check)
 
-    sim = sub.add_parser("simulate", help="stream synthetic JUNGFRAU trains (Karabo Bridge 2.2)")
+    sim = sub.add_parser("simulate", help="stream synthetic detector trains (Karabo Bridge 2.2)")
     sim.add_argument("--endpoint", default="tcp://*:45454", help="ZeroMQ endpoint to bind")
     sim.add_argument("--pattern", default="push", choices=["push", "pub", "rep"])
-    sim.add_argument("--detector-id", default="SPB_IRDA_JF4M")
-    sim.add_argument("--modules", default="1", help="module numbers, e.g. 1,2 or 1-8")
-    sim.add_argument("--cells", type=int, default=16, choices=[1, 16])
-    sim.add_argument("--gain-mode", default="bits", choices=["bits", "array"])
+    sim.add_argument("--detector", default="jungfrau",
+                     choices=["jungfrau", "agipd", "lpd", "epix100"])
+    sim.add_argument("--detector-id", default="", help="default: the detector's typical name")
+    sim.add_argument("--modules", help="module numbers, e.g. 1,2 or 1-8 (default: the first)")
+    sim.add_argument("--cells", type=int,
+                     help="frames per train (default: JUNGFRAU 16, AGIPD/LPD 64, ePix100 1)")
+    sim.add_argument("--gain-mode", default="bits", choices=["bits", "array"],
+                     help="JUNGFRAU: gain in bits 14-15 of data.adc or in data.gain")
+    sim.add_argument("--style", default="file", choices=["file", "online"],
+                     help="AGIPD: image.data (frames, 2, ss, fs) or image.data + image.gain")
     sim.add_argument("--rate", type=float, default=10.0, help="trains/s (0: as fast as possible)")
     sim.add_argument("--trains", type=int, help="stop after N trains (default: forever)")
     sim.add_argument("--first-train-id", type=int, default=10000)
@@ -243,27 +249,36 @@ def _parse_modules(text: str) -> tuple[int, ...]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .calibrate import load_jungfrau_constants
-    from .ingest import JungfrauSimulation, Sender, run_sender
+    import tempfile
 
-    modules = _parse_modules(args.modules)
-    offsets = gains = None
+    from .calibrate import get_detector, load_constants, synth_constants
+    from .ingest import Sender, make_simulation, run_sender
+
+    spec = get_detector(args.detector)
+    modules = _parse_modules(args.modules or str(spec.first_module))
+    cells = args.cells or spec.default_cells
+    spec.check_cells(cells, key="--cells")
+    consts = None
     if args.constants:
-        consts = {
-            m: load_jungfrau_constants(Path(args.constants.format(module=m)), cells=args.cells)
-            for m in modules
-        }
-        offsets = {m: c.offset for m, c in consts.items()}
-        gains = {m: c.rel_gain for m, c in consts.items()}
-    simulation = JungfrauSimulation(
-        modules=modules, cells=args.cells, gain_mode=args.gain_mode,
-        detector_id=args.detector_id, seed=args.seed, offsets=offsets, gains=gains,
+        consts = {m: load_constants(spec.name, Path(args.constants.format(module=m)), cells=cells)
+                  for m in modules}
+    elif spec.name != "jungfrau":
+        # The trains are drawn around constants: without a file, synthetic ones (seed = module,
+        # as the demo pipeline writes them).
+        with tempfile.TemporaryDirectory() as tmp:
+            consts = {m: load_constants(spec.name, synth_constants(
+                spec.name, Path(tmp) / f"{m}.h5", cells=cells, seed=m), cells=cells)
+                for m in modules}
+    simulation = make_simulation(
+        spec.name, modules=modules, cells=cells, constants=consts, gain_mode=args.gain_mode,
+        style=args.style, detector_id=args.detector_id, seed=args.seed,
     )
     stop = threading.Event()
     _install_signal_handlers(stop.set)
     log.info(
-        "sending %s trains of %d module(s) x %d cells (%.1f MB each) on %s (%s) at %s",
-        args.trains or "endless", len(modules), args.cells, simulation.nbytes_per_train / 1e6,
+        "sending %s %s trains of %d module(s) x %d cells (%.1f MB each) on %s (%s) at %s",
+        args.trains or "endless", spec.name, len(modules), cells,
+        simulation.nbytes_per_train / 1e6,
         args.endpoint, args.pattern, f"{args.rate} Hz" if args.rate else "full speed",
     )
     with Sender(args.endpoint, args.pattern, bind=True) as sender:

@@ -541,13 +541,7 @@ class Config:
 
         spec = self.source.spec
         cal = self.calibration
-        # JUNGFRAU runs with 1 or 16 storage cells; the others with any number up to theirs.
-        allowed = (1, 16) if spec.name == "jungfrau" else range(1, spec.max_cells + 1)
-        if cal.cells not in allowed:
-            say = "1 or 16" if spec.name == "jungfrau" else f"1 to {spec.max_cells}"
-            raise ConfigError(
-                f"{spec.name} has {say} memory cells. Got {cal.cells}.", key="calibration.cells"
-            )
+        spec.check_cells(cal.cells)
         if cal.common_mode and not spec.common_mode:
             with_cm = [n for n in _detector_specs() if n.common_mode]
             raise ConfigError(

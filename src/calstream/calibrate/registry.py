@@ -104,6 +104,16 @@ class DetectorSpec:
     common_mode: bool = False  # whether the corrector has an optional common-mode step
     cm_threshold: float = 0.0  # its default photon-hit cut (output units)
 
+    def check_cells(self, cells: int, key: str = "calibration.cells") -> None:
+        """ConfigError(key) unless the detector runs with ``cells`` memory cells (JUNGFRAU:
+        1 or 16; the others 1 up to their maximum)."""
+        if self.name == "jungfrau":
+            allowed, say = (1, 16), "1 or 16"
+        else:
+            allowed, say = range(1, self.max_cells + 1), f"1 to {self.max_cells}"
+        if cells not in allowed:
+            raise ConfigError(f"{self.name} has {say} memory cells. Got {cells}.", key=key)
+
     @property
     def aggregator(self) -> str:
         """File-name part before the module number (``AGIPD`` from ``AGIPD{module:02d}``)."""

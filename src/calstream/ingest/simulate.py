@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
@@ -40,8 +40,11 @@ __all__ = [
     "JungfrauSimulation",
     "SendStats",
     "Sender",
+    "Simulation",
     "jungfrau_source",
+    "make_simulation",
     "run_sender",
+    "train_stamp",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,61 @@ _SPOTS_PER_FRAME = 3.0
 _INVALID_FRACTION = 1e-6
 _G0_LIMIT_ADU = 14000.0  # G0 switches to G1 above this level (14-bit ADC saturates at 16383)
 _G1_FLOOR_ADU = 1500.0  # G1 switches to G2 when its (falling) signal would go below this
+
+
+class Simulation(Protocol):
+    """What :func:`run_sender` sends: pre-generated trains by train id."""
+
+    nbytes_per_train: int
+
+    def train(self, train_id: int) -> tuple[Data, Metadata]: ...
+
+
+def train_stamp(train_id: int) -> dict[str, Any]:
+    """Karabo Bridge timestamp metadata of a train sent now."""
+    ns = time.time_ns()
+    sec, frac = divmod(ns, 10**9)
+    return {"timestamp": ns / 1e9, "timestamp.sec": str(sec),
+            "timestamp.frac": f"{frac * 10**9:018d}", "timestamp.tid": int(train_id)}
+
+
+def make_simulation(detector: str, *, modules: Iterable[int], cells: int,
+                    constants: Mapping[int, Any] | None = None,
+                    sources: Mapping[int, str] | None = None, detector_id: str = "",
+                    gain_mode: str = "bits", style: str = "file", seed: int = 0,
+                    n_distinct: int | None = None) -> Simulation:
+    """A pre-generated simulation of any registered detector.
+
+    ``constants`` are the modules' constants in kernel layout (as the pipeline loads them);
+    the trains are drawn around them. JUNGFRAU (``gain_mode``) may go without (synthetic
+    values); the others need them. ``sources`` maps module to input source name (default:
+    the registry's raw source with ``detector_id``). ``style``: ``"file"`` or ``"online"``
+    stream layout (AGIPD).
+    """
+    from calstream.calibrate.registry import get_detector
+
+    spec = get_detector(detector)
+    modules = tuple(int(m) for m in modules)
+    detector_id = detector_id or spec.detector_id
+    if sources is None:
+        sources = {m: spec.raw_source.format(detector_id=detector_id, module=m)
+                   for m in modules}
+    if spec.name == "jungfrau":
+        sim = JungfrauSimulation(
+            modules=modules, cells=cells, gain_mode=gain_mode, detector_id=detector_id,
+            seed=seed, n_distinct=n_distinct or 4,
+            offsets={m: c.offset for m, c in constants.items()} if constants else None,
+            gains={m: c.rel_gain for m, c in constants.items()} if constants else None,
+        )
+        sim.sources = [sources[m] for m in sim.modules]
+        return sim
+    from calstream.ingest.detector_sim import DetectorSimulation
+
+    if constants is None:
+        raise ConfigError(f"simulating {spec.name} needs the modules' constants",
+                          key="constants")
+    return DetectorSimulation(spec.name, constants=constants, sources=sources, cells=cells,
+                              style=style, n_distinct=n_distinct or 2, seed=seed)
 
 
 def jungfrau_source(detector_id: str, module: int) -> str:
@@ -338,10 +396,8 @@ class JungfrauSimulation:
             As :func:`~calstream.ingest.karabo_bridge.decode` returns them. ``data.adc`` (and
             ``data.gain``) are shared, read-only arrays.
         """
-        ns = time.time_ns()
-        sec, frac = divmod(ns, 10**9)
-        stamp = {"timestamp": ns / 1e9, "timestamp.sec": str(sec),
-                 "timestamp.frac": f"{frac * 10**9:018d}", "timestamp.tid": int(train_id)}
+        stamp = train_stamp(train_id)
+        ns = int(stamp["timestamp"] * 1e9)
         frame_number = np.arange(self.cells, dtype=np.uint64) + np.uint64(
             train_id * self.cells)
         frame_time = ns / 1e9 + np.arange(self.cells, dtype=np.float64) * 1e-6
@@ -519,7 +575,7 @@ def _send_until_stopped(sender: Sender, data: Data, metadata: Metadata,
     return True
 
 
-def run_sender(sender: Sender, simulation: JungfrauSimulation, *, n_trains: int | None = None,
+def run_sender(sender: Sender, simulation: Simulation, *, n_trains: int | None = None,
                rate_hz: float | None = None, first_train_id: int = 10000,
                stop: threading.Event | None = None) -> SendStats:
     """Send simulated trains with consecutive train ids, optionally paced.
