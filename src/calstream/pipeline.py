@@ -30,16 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import JungfrauCorrector, load_jungfrau_constants, synth_jungfrau_constants
+from .calibrate import load_constants, make_corrector, synth_constants
 from .config import Config
 from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import (
     AssembledTrain,
-    JungfrauSimulation,
     Receiver,
     Sender,
     TrainAssembler,
+    make_simulation,
     run_sender,
 )
 from .metrics import MetricsServer, RunSummary, Stats, StatusLine
@@ -50,6 +50,7 @@ from .store import (
     FileInfo,
     SequenceWriter,
     Spool,
+    layout_for,
     open_destination,
     parse_codec,
     read_file_info,
@@ -61,20 +62,24 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
-FRAME_SHAPE = (512, 1024)
-OUTPUT_DTYPES = {"adc": np.float32, "gain": np.uint8, "mask": np.uint32}
+_ROLES = ("data", "gain", "mask")  # the corrector's outputs, in the file layout's image order
 _STOP = object()
 _SENDER_PATTERN = {"pull": "push", "sub": "pub", "req": "rep"}
 
 
 @dataclass
 class ModuleInput:
-    """One module's raw data in one train (views on the received ZeroMQ frames)."""
+    """One module's raw data in one train (views on the received ZeroMQ frames), checked.
 
-    adc: np.ndarray
-    gain: np.ndarray | None
-    memory_cell: np.ndarray
-    frame_number: np.ndarray
+    ``data`` is what the corrector's ``correct_module`` takes (registry keys); ``small`` the
+    per-frame values written beside the images (JUNGFRAU ``memoryCell``, ``frameNumber``;
+    AGIPD/LPD ``cellId``, ``pulseId``).
+    """
+
+    data: dict[str, np.ndarray]
+    frames: int
+    small: dict[str, np.ndarray]
+    nbytes: int
 
 
 @dataclass
@@ -160,11 +165,28 @@ class Pipeline:
 
         # Constants first: a missing or mis-shaped constant is the likeliest start-up error,
         # and it must stop us before the spool, the outbox or any socket exists.
+        self.spec = config.source.spec
         self.constants = self._load_constants()
         out = config.output
-        self.codecs = {key: parse_codec(spec) for key, spec in out.compression.items()}
-        for key in ("adc", "gain", "mask"):
-            self.codecs.setdefault(key, parse_codec("bitshuffle-lz4"))
+        cal = config.calibration
+        options: dict[str, Any] = {"photon_energy": cal.photon_energy or None}
+        if self.spec.common_mode:
+            options.update(common_mode=cal.common_mode, cm_threshold=cal.cm_threshold)
+        self.correctors = {
+            module: make_corrector(self.spec.name, consts, cal.backend, **options)
+            for module, consts in self.constants.items()
+        }
+        self.output_dtypes = dict(
+            zip(_ROLES, next(iter(self.correctors.values())).output_dtypes.values(), strict=True)
+        )
+        self.layout = layout_for(self.spec.exdf_layout, self.output_dtypes["data"])
+        # Codecs by output role ("adc" is JUNGFRAU's name for the data), then by file dataset.
+        specs = {("data" if key == "adc" else key): text for key, text in out.compression.items()}
+        self.codecs = {role: parse_codec(specs.get(role, "bitshuffle-lz4")) for role in _ROLES}
+        self.file_codecs = {
+            name: self.codecs[role]
+            for role, name in zip(_ROLES, self.layout.image_names, strict=True)
+        }
         self.destination = open_destination(out.destination, out.webdav_settings())
         check_destination_writable(self.destination)
         self.spool = Spool(Path(out.spool), retention=out.retention)
@@ -186,28 +208,25 @@ class Pipeline:
         self.publisher = (
             KafkaPublisher(kafka, self.outbox.path, name=self.name) if kafka.enabled else None
         )
-        self.correctors = {
-            module: JungfrauCorrector(consts, backend=config.calibration.backend)
-            for module, consts in self.constants.items()
-        }
 
     # -- set-up -------------------------------------------------------------------------------
 
     def _load_constants(self) -> dict[int, Any]:
         cal = self.config.calibration
+        detector = self.spec.name
         loaded: dict[int, Any] = {}
         by_path: dict[Path, Any] = {}
         for module in self.config.source.modules:
             path = cal.constants_path(module)
             if not path.exists() and cal.synthesize_missing:
                 log.warning(
-                    "constants file %s not found: writing synthetic JUNGFRAU constants "
+                    "constants file %s not found: writing synthetic %s constants "
                     "(calibration.synthesize_missing = true; never use these for real data)",
-                    path,
+                    path, detector,
                 )
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    synth_jungfrau_constants(path, cells=cal.cells, seed=module)
+                    synth_constants(detector, path, cells=cal.cells, seed=module)
                 except OSError as exc:
                     raise ConstantsError(
                         f"cannot write synthetic constants: {exc.strerror or exc}",
@@ -215,7 +234,7 @@ class Pipeline:
                     ) from None
             if path not in by_path:
                 try:
-                    by_path[path] = load_jungfrau_constants(path, cells=cal.cells)
+                    by_path[path] = load_constants(detector, path, cells=cal.cells)
                 except ConstantsError as exc:
                     if "cells" not in exc.message:
                         raise
@@ -415,14 +434,14 @@ class Pipeline:
     def _start_simulation(self, floor: int) -> threading.Thread:
         cfg = self.config
         sim_cfg = cfg.simulate
-        simulation = JungfrauSimulation(
+        simulation = make_simulation(
+            self.spec.name,
             modules=cfg.source.modules,
             cells=cfg.calibration.cells,
+            constants=self.constants,
+            sources={m: cfg.source.source_name(m) for m in cfg.source.modules},
             gain_mode=sim_cfg.gain_mode,
-            detector_id=cfg.source.detector_id,
             seed=sim_cfg.seed,
-            offsets={m: c.offset for m, c in self.constants.items()},
-            gains={m: c.rel_gain for m, c in self.constants.items()},
         )
         sender = Sender(
             cfg.source.endpoint, _SENDER_PATTERN[cfg.source.pattern], bind=not cfg.source.bind
@@ -452,7 +471,8 @@ class Pipeline:
 
     def _max_array_bytes(self) -> int:
         """Largest array the decoder accepts: a module's data, with room for other sources."""
-        module = self.config.calibration.cells * int(np.prod(FRAME_SHAPE)) * 2
+        # analog + digital (AGIPD file style) is the largest raw array a module sends
+        module = self.config.calibration.cells * int(np.prod(self.spec.module_shape)) * 4
         return max(4 * module, 64 << 20)
 
     def _receive_loop(self, index: int, receiver: Receiver, parts_q: StageQueue[_Part]) -> None:
@@ -590,7 +610,7 @@ class Pipeline:
                 log.error("%s: %s", self.name, exc)
                 continue
             modules[module] = item
-            size = item.adc.nbytes + (item.gain.nbytes if item.gain is not None else 0)
+            size = item.nbytes
             nbytes += size
             self.stats.add("source_trains_in", source=source)
             self.stats.add("source_bytes_in", size, source=source)
@@ -598,49 +618,99 @@ class Pipeline:
         return TrainWork(-1, train_id, timestamp_ns, modules, nbytes, received=train.first_seen)
 
     def _module_input(self, source: str, train_id: int, values: dict[str, Any]) -> ModuleInput:
+        """Check one module's data against the detector's registry entry (keys, dtype, shape,
+        frames) and pick what the corrector and the file need; views, no copies."""
+        spec = self.spec
         cells = self.config.calibration.cells
+
+        def fail(message: str, key: str) -> DataError:
+            return DataError(message, source=source, train_id=train_id, key=key)
+
+        data_key = spec.file_layout.keys["data"]
+        raw = values.get(data_key)
+        if not isinstance(raw, np.ndarray):
+            raise fail(f"missing array {data_key!r} (this source has: "
+                       f"{', '.join(sorted(values))[:200] or 'nothing'})", data_key)
+        if spec.max_cells == 1 and raw.shape == spec.module_shape:
+            raw = raw[np.newaxis]  # one frame per train, sent without a frame axis
+        styles = [name for name, layout in (("file", spec.file_layout),
+                                            ("online", spec.online_layout))
+                  if _fits(raw.shape, layout.axes[data_key], spec.module_shape)]
+        if raw.dtype != np.uint16 or not styles:
+            wanted = " or ".join(sorted({
+                "(" + layout.axes[data_key].replace("ss", str(spec.module_shape[0]))
+                .replace("fs", str(spec.module_shape[1])) + ")"
+                for layout in (spec.file_layout, spec.online_layout)}))
+            raise fail(f"expected uint16 {wanted}, got {raw.dtype} {raw.shape}", data_key)
+        frames = int(raw.shape[0])
+        if self.layout.per_frame:
+            if not 1 <= frames <= cells:
+                raise fail(f"{frames} frames; expected 1 to {cells} (calibration.cells)",
+                           data_key)
+        elif frames != (cells if self.layout.cell_axis else 1):
+            raise fail(f"expected {cells} frames (calibration.cells), got {frames}", data_key)
+        data = {data_key: raw}
+        nbytes = raw.nbytes
+
+        gain_key = spec.online_layout.keys.get("gain")
         gain_mode = self.config.source.gain_mode
-        adc = values.get("data.adc")
-        if not isinstance(adc, np.ndarray):
-            raise DataError("missing array 'data.adc'", source=source, train_id=train_id,
-                            key="data.adc")
-        if adc.dtype != np.uint16 or adc.shape != (cells, *FRAME_SHAPE):
-            raise DataError(
-                f"expected uint16 {(cells, *FRAME_SHAPE)}, got {adc.dtype} {adc.shape}",
-                source=source, train_id=train_id, key="data.adc",
-            )
-        gain = values.get("data.gain") if gain_mode in ("auto", "array") else None
-        if gain_mode == "array" and gain is None:
-            raise DataError("missing array 'data.gain' (source.gain_mode = 'array')",
-                            source=source, train_id=train_id, key="data.gain")
-        if gain is not None and (
-            not isinstance(gain, np.ndarray) or gain.dtype != np.uint8 or gain.shape != adc.shape
-        ):
-            raise DataError(
-                f"expected uint8 {adc.shape}, got {getattr(gain, 'dtype', type(gain).__name__)} "
-                f"{getattr(gain, 'shape', '')}",
-                source=source, train_id=train_id, key="data.gain",
-            )
-        memory_cell = _small_array(values, "data.memoryCell", cells, source, train_id)
-        if memory_cell is None:
-            memory_cell = np.arange(cells)
-        if memory_cell.min() < 0 or memory_cell.max() > 255:
-            raise DataError(f"memory cells out of range: {memory_cell.tolist()}",
-                            source=source, train_id=train_id, key="data.memoryCell")
-        frame_number = _small_array(values, "data.frameNumber", cells, source, train_id)
-        if frame_number is None:
-            frame_number = np.zeros(cells)
-        return ModuleInput(
-            adc, gain, memory_cell.astype(np.uint8), frame_number.astype(np.uint64)
-        )
+        gain = values.get(gain_key) if gain_key else None
+        if spec.name == "jungfrau":
+            if gain_mode == "bits":
+                gain = None
+            elif gain_mode == "array" and gain is None:
+                raise fail("missing array 'data.gain' (source.gain_mode = 'array')", "data.gain")
+            if gain is not None and (not isinstance(gain, np.ndarray)
+                                     or gain.dtype != np.uint8 or gain.shape != raw.shape):
+                raise fail(f"expected uint8 {raw.shape}, got "
+                           f"{getattr(gain, 'dtype', type(gain).__name__)} "
+                           f"{getattr(gain, 'shape', '')}", "data.gain")
+        elif gain_key and gain_key not in spec.file_layout.keys and styles == ["online"]:
+            # online style: the gain (AGIPD's digital value) comes as its own array
+            if not isinstance(gain, np.ndarray) or gain.shape != raw.shape:
+                raise fail(f"{data_key} {raw.shape} is online style: expected {gain_key} of "
+                           f"the same shape, got {getattr(gain, 'shape', gain)!r}", gain_key)
+        else:
+            gain = None
+        if gain is not None and gain_key:
+            data[gain_key] = gain
+            nbytes += gain.nbytes
+
+        small: dict[str, np.ndarray] = {}
+        if spec.name == "jungfrau":
+            memory_cell = _small_array(values, "data.memoryCell", cells, source, train_id)
+            if memory_cell is None:
+                memory_cell = np.arange(cells)
+            if memory_cell.min() < 0 or memory_cell.max() > 255:
+                raise fail(f"memory cells out of range: {memory_cell.tolist()}",
+                           "data.memoryCell")
+            frame_number = _small_array(values, "data.frameNumber", cells, source, train_id)
+            if frame_number is None:
+                frame_number = np.zeros(cells)
+            data["data.memoryCell"] = memory_cell
+            small = {"memoryCell": memory_cell.astype(np.uint8),
+                     "frameNumber": frame_number.astype(np.uint64)}
+        elif self.layout.per_frame:
+            cell_key = spec.file_layout.keys["cell"]
+            cell_id = _frame_values(values, cell_key, frames, source, train_id)
+            if cell_id is None:
+                if cells > 1:
+                    raise fail(f"missing array {cell_key!r}: needed with {cells} memory cells",
+                               cell_key)
+                cell_id = np.zeros(frames, np.uint16)
+            pulse_id = _frame_values(values, "image.pulseId", frames, source, train_id)
+            data[cell_key] = cell_id
+            small = {"cellId": cell_id.astype(np.uint16),
+                     "pulseId": (np.arange(frames, dtype=np.uint64) if pulse_id is None
+                                 else pulse_id.astype(np.uint64))}
+        return ModuleInput(data, frames, small, nbytes)
 
     def _slab_bytes(self) -> int:
         """Bytes needed for the encoded chunks of one train of all modules, at worst."""
+        npix = int(np.prod(self.spec.module_shape))
         per_frame = sum(
-            self.codecs[key].max_encoded_size(
-                int(np.prod(FRAME_SHAPE)) * np.dtype(dt).itemsize, np.dtype(dt).itemsize
-            )
-            for key, dt in OUTPUT_DTYPES.items()
+            self.codecs[role].max_encoded_size(npix * dt.itemsize, dt.itemsize)
+            for role, dt in self.output_dtypes.items()
         )
         return per_frame * self.config.calibration.cells * len(self.config.source.modules)
 
@@ -649,7 +719,7 @@ class Pipeline:
         # Per-worker output buffers (aligned, so the kernels can stream their stores), reused
         # for every train: chunks are encoded before the next train overwrites them.
         data, gain, mask = next(iter(self.correctors.values())).empty_outputs(cells)
-        buffers = {"adc": data, "gain": gain, "mask": mask}
+        buffers = {"data": data, "gain": gain, "mask": mask}
         try:
             while True:
                 # The slab first: the worker that holds the oldest train must never wait for
@@ -671,7 +741,6 @@ class Pipeline:
         self, work: TrainWork, slab: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> TrainResult:
         """Correct and compress one train's modules into ``slab``."""
-        cells = self.config.calibration.cells
         result = TrainResult(work.seq, work.train_id, work.timestamp_ns, slab,
                              received=work.received)
         # A few trains are copied for the live preview (the buffers are reused at once).
@@ -681,20 +750,21 @@ class Pipeline:
         for module, item in work.modules.items():
             source = self.config.source.source_name(module)
             t0 = time.perf_counter()
+            # The first frames of the per-worker buffers (a leading slice stays contiguous).
+            outs = {role: buf[: item.frames] for role, buf in buffers.items()}
             try:
-                self.correctors[module].correct(
-                    item.adc, item.gain, item.memory_cell,
-                    buffers["adc"], buffers["gain"], buffers["mask"],
+                self.correctors[module].correct_module(
+                    item.data, outs["data"], outs["gain"], outs["mask"],
                     source=source, train_id=work.train_id,
                 )
-                if self.config.output.bitround and buffers["adc"].dtype == np.float32:
-                    bitround(buffers["adc"], self.config.output.bitround)
+                if self.config.output.bitround and outs["data"].dtype == np.float32:
+                    bitround(outs["data"], self.config.output.bitround)
                 t1 = time.perf_counter()
                 chunks: dict[str, list[np.ndarray]] = {}
-                for key, buf in buffers.items():
-                    codec = self.codecs[key]
-                    encoded = chunks[key] = []
-                    for frame in buf:
+                for role, name in zip(_ROLES, self.layout.image_names, strict=True):
+                    codec = self.codecs[role]
+                    encoded = chunks[name] = []
+                    for frame in outs[role]:
                         chunk = codec.encode_into(frame, result.slab[used:])
                         encoded.append(chunk)
                         used += chunk.nbytes
@@ -709,19 +779,14 @@ class Pipeline:
                 continue
             t2 = time.perf_counter()
             if preview:
+                group = self.layout.group
                 result.preview[self.config.output_source(module)] = {
-                    "data.adc": buffers["adc"].copy(),
-                    "data.gain": buffers["gain"].copy(),
-                    "data.mask": buffers["mask"].copy(),
-                    "data.memoryCell": item.memory_cell,
-                    "data.frameNumber": item.frame_number,
+                    **{self.spec.output_keys[role]: outs[role].copy() for role in _ROLES},
+                    **{f"{group}.{name}": value for name, value in item.small.items()},
                 }
             result.chunks[module] = chunks
-            result.small[module] = {
-                "memoryCell": item.memory_cell,
-                "frameNumber": item.frame_number,
-            }
-            result.frames += cells
+            result.small[module] = item.small
+            result.frames += item.frames
             self.stats.add("seconds_correct", t1 - t0)
             self.stats.add("seconds_compress", t2 - t1)
             self.stats.observe("stage_seconds", t1 - t0, stage="correct")
@@ -737,19 +802,27 @@ class Pipeline:
                 self.spool,
                 run=cfg.output.run,
                 proposal=cfg.output.proposal,
-                detector="jungfrau",
+                detector=self.spec.name,
                 module=module,
                 aggregator=cfg.output.aggregator,
                 source=cfg.output_source(module),
                 cells=cfg.calibration.cells,
-                codecs=self.codecs,
+                codecs=self.file_codecs,
+                frame_shape=self.spec.module_shape,
+                layout=self.layout,
                 trains_per_file=cfg.output.trains_per_file,
                 max_file_bytes=cfg.output.max_file_bytes,
                 provenance={
                     "constants": self.constants[module].provenance,
                     "backend": cfg.calibration.backend,
-                    # lossy: readers must know data.adc keeps only these mantissa bits
-                    **({"bitround": cfg.output.bitround} if cfg.output.bitround else {}),
+                    # lossy: readers must know the data keep only these mantissa bits
+                    **({"bitround": cfg.output.bitround}
+                       if cfg.output.bitround and self.output_dtypes["data"] == np.float32
+                       else {}),
+                    **({"photon_energy": cfg.calibration.photon_energy}
+                       if cfg.calibration.photon_energy else {}),
+                    **({"common_mode": True, "cm_threshold": cfg.calibration.cm_threshold}
+                       if cfg.calibration.common_mode else {}),
                 },
             )
             for module in cfg.source.modules
@@ -958,6 +1031,36 @@ def _small_array(
             source=source, train_id=train_id, key=key,
         )
     return value
+
+
+def _fits(shape: tuple[int, ...], axes: str, module_shape: tuple[int, int]) -> bool:
+    """Whether an array shape matches a registry axis order like ``"frames,2,ss,fs"``."""
+    names = axes.split(",")
+    sizes = {"ss": module_shape[0], "fs": module_shape[1]}
+    return len(shape) == len(names) and all(
+        name == "frames" or (sizes[name] if name in sizes else int(name)) == n
+        for name, n in zip(names, shape, strict=True)
+    )
+
+
+def _frame_values(
+    values: dict[str, Any], key: str, frames: int, source: str, train_id: int
+) -> np.ndarray | None:
+    """A per-frame integer array ((frames,) or (frames, 1), as raw files carry them), checked
+    and flattened; None when the stream lacks it."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if (isinstance(value, np.ndarray) and value.dtype.kind in "iu"
+            and value.shape in ((frames,), (frames, 1))):
+        flat = value.reshape(frames)
+        if frames == 0 or (int(flat.min()) >= 0):
+            return flat
+    found = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else repr(value)
+    raise DataError(
+        f"expected {frames} non-negative integers, got {found[:80]}",
+        source=source, train_id=train_id, key=key,
+    )
 
 
 def _train_id(metadata: dict[str, Any]) -> int | None:
