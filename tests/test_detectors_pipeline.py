@@ -299,5 +299,89 @@ def test_simulated_trains_look_like_the_detector(tmp_path):
         assert sim.train(5)[0].keys() == data.keys()
 
 
+def test_xtdf_file_with_varying_frames_and_gaps(tmp_path):
+    """XTDF trains of 4, 0 (gap) and 2 frames: the index, the per-frame values, AGIPD1M and
+    read_file_info agree."""
+    import hdf5plugin  # noqa: F401
+    from extra_data import RunDirectory
+    from extra_data.components import AGIPD1M
+
+    from calstream.store import ExdfFileWriter, layout_for, parse_codec, read_file_info
+
+    codec = parse_codec("bitshuffle-lz4")
+    layout = layout_for("xtdf")
+    source = "SPB_DET_AGIPD1M-1/CORR/7CH0:output"
+    path = tmp_path / "r0005" / "CORR-R0005-AGIPD07-S00000.h5"
+    path.parent.mkdir()
+    rng = np.random.default_rng(1)
+    frames = {501: 4, 502: 0, 503: 2}
+    written = {}
+    with ExdfFileWriter(path, source=source, cells=4, frame_shape=(512, 128),
+                        codecs=dict.fromkeys(layout.image_names, codec), run=5, proposal=1,
+                        sequence=0, provenance={}, max_trains=4, detector="agipd", module=7,
+                        layout=layout) as writer:
+        for tid, n in frames.items():
+            if not n:
+                writer.write_train(tid, 0, None)
+                continue
+            arrays = {"data": rng.normal(size=(n, 512, 128)).astype(np.float32),
+                      "gain": rng.integers(0, 3, (n, 512, 128), dtype=np.uint8),
+                      "mask": rng.integers(0, 2, (n, 512, 128), dtype=np.uint32)}
+            written[tid] = arrays
+            chunks = {k: [codec.encode(f) for f in v] for k, v in arrays.items()}
+            small = {"cellId": np.arange(n, dtype=np.uint16) + 1,
+                     "pulseId": np.arange(n, dtype=np.uint64) * 2}
+            writer.write_train(tid, 0, chunks, small)
+        with pytest.raises(DataError) as info:
+            writer.write_train(504, 0, {k: [] for k in layout.image_names}, {})
+        assert info.value.key == "data"
+    validate(path.parent)
+    info = read_file_info(path)
+    assert info.frames == 6 and info.trains == 3 and info.detector == "agipd"
+    run = RunDirectory(path.parent)
+    assert run[source, "image.data"].data_counts().tolist() == [4, 0, 2]
+    det = AGIPD1M(run)
+    np.testing.assert_array_equal(
+        det["image.data"].ndarray()[0],
+        np.concatenate([written[501]["data"], written[503]["data"]]))
+    np.testing.assert_array_equal(run[source, "image.trainId"].ndarray(),
+                                  [501] * 4 + [503] * 2)
+    np.testing.assert_array_equal(run[source, "image.cellId"].ndarray(), [1, 2, 3, 4, 1, 2])
+
+
+def test_agipd_live_preview_has_the_file_keys(make_config, tmp_path):
+    """The preview of an AGIPD run carries image.data/gain/mask/cellId as in the file."""
+    import threading
+
+    import hdf5plugin  # noqa: F401
+    from extra_data import RunDirectory
+    from karabo_bridge import Client
+
+    from tests.ports import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = _config(make_config, tmp_path, "agipd", trains=12, simulate__rate=10.0,
+                     preview__endpoint=endpoint, preview__pattern="rep", preview__every=1,
+                     preview__max_rate=0.0)
+    pipeline = Pipeline(config)
+    thread = threading.Thread(target=pipeline.run, daemon=True)
+    thread.start()
+    client = Client(endpoint, sock="REQ", timeout=30)
+    try:
+        data, meta = client.next()
+    finally:
+        client._socket.close(linger=0)
+        thread.join(timeout=120)
+    source = config.output_source(3)
+    tid = meta[source]["timestamp.tid"]
+    image = data[source]["image.data"]
+    assert image.dtype == np.float32 and image.shape == (4, 512, 128)
+    assert data[source]["image.cellId"].tolist() == [0, 1, 2, 3]
+    run = RunDirectory(tmp_path / "data" / "r0001")
+    _, stored = run.train_from_id(tid)
+    for key in ("image.data", "image.gain", "image.mask"):
+        np.testing.assert_array_equal(stored[source][key], data[source][key], err_msg=key)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
