@@ -204,6 +204,44 @@ def test_rejected_module_data_is_counted_and_the_rest_written(make_config, tmp_p
         assert f[f"INDEX/{config.output_source(0)}/image/count"][:].tolist() == [4, 0]
 
 
+def test_agipd_online_style_stream_gives_the_file_style_result(make_config, tmp_path):
+    """image.data + image.gain (online) is corrected exactly like image.data (frames, 2, ...)."""
+    import threading
+
+    import hdf5plugin  # noqa: F401
+    from extra_data import RunDirectory
+    from extra_data.components import AGIPD1M
+
+    from calstream.ingest import Sender
+
+    config = _config(make_config, tmp_path, "agipd", simulate__enabled=False)
+    pipe = Pipeline(config)
+    source = config.source.source_name(3)
+    online, filestyle = (
+        make_simulation("agipd", modules=[3], cells=4, constants=pipe.constants,
+                        sources={3: source}, style=style, seed=5)
+        for style in ("online", "file")
+    )
+    assert online.train(1)[0][source]["image.data"].shape == (4, 512, 128)
+
+    def send() -> None:
+        with Sender(config.source.endpoint, "push") as sender:
+            for tid in (200, 201):
+                sender.send(*online.train(tid), timeout=10)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    summary = pipe.run(max_trains=2)
+    thread.join()
+    assert summary.trains == 2 and summary.problems == {}
+    got = AGIPD1M(RunDirectory(tmp_path / "data" / "r0001"))["image.data"].ndarray()[0]
+    corrector = pipe.correctors[3]
+    for i, tid in enumerate((200, 201)):
+        out = corrector.empty_outputs(4)
+        corrector.correct_module(filestyle.train(tid)[0][source], *out)
+        np.testing.assert_array_equal(got[4 * i : 4 * i + 4], out[0])
+
+
 def test_detector_config_errors(tmp_path):
     def error(*sets: str) -> ConfigError:
         with pytest.raises(ConfigError) as info:
