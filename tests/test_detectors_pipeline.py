@@ -25,6 +25,7 @@ CASES = {
     "agipd": (4, [3], {"calibration.common_mode": True}),
     "lpd": (4, [0], {"calibration.photon_energy": 50.0}),
     "epix100": (1, [1], {"calibration.common_mode": True}),
+    "jungfrau": (1, [2], {"calibration.photon_energy": 9.0}),
 }
 
 
@@ -78,7 +79,7 @@ def test_detector_run_reads_back_bit_for_bit(detector, make_config, tmp_path):
     assert summary.trains == 3 and summary.problems == {}
     (module,) = config.source.modules
     files = stored_files(tmp_path / "data")
-    agg = {"agipd": "AGIPD", "lpd": "LPD", "epix100": "EPIX"}[detector]
+    agg = {"agipd": "AGIPD", "lpd": "LPD", "epix100": "EPIX", "jungfrau": "JNGFR"}[detector]
     assert [f.name for f in files] == [f"CORR-R0001-{agg}{module:02d}-S{s:05d}.h5" for s in (0, 1)]
     run_dir = files[0].parent
     validate(run_dir)
@@ -99,6 +100,10 @@ def test_detector_run_reads_back_bit_for_bit(detector, make_config, tmp_path):
                                       want["data"])
         cell_ids = run[source, "image.cellId"].ndarray()
         np.testing.assert_array_equal(cell_ids, np.tile(np.arange(cells), 3))
+    elif detector == "jungfrau":
+        det = components.JUNGFRAU(run)
+        got = {key: det[f"data.{name}"].ndarray()[0].reshape(-1, 512, 1024)
+               for key, name in (("data", "adc"), ("gain", "gain"), ("mask", "mask"))}
     else:
         # EXtra-data 1.25 has no ePix100 component: read the facility's keys directly.
         epix = getattr(components, "Epix100", None)
@@ -112,7 +117,7 @@ def test_detector_run_reads_back_bit_for_bit(detector, make_config, tmp_path):
     for key in ("data", "gain", "mask"):
         assert got[key].dtype == want[key].dtype, key
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    if detector == "lpd":
+    if detector in ("lpd", "jungfrau"):
         assert got["data"].dtype == np.int16  # photon counts
     else:
         assert got["data"].dtype == np.float32
