@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--endpoint", default="tcp://*:45454", help="ZeroMQ endpoint to bind")
     sim.add_argument("--pattern", default="push", choices=["push", "pub", "rep"])
     sim.add_argument("--detector", default="jungfrau",
-                     choices=["jungfrau", "agipd", "lpd", "epix100"])
+                     help="detector family: jungfrau, agipd, lpd, epix100 (the registry's)")
     sim.add_argument("--detector-id", default="", help="default: the detector's typical name")
     sim.add_argument("--modules", help="module numbers, e.g. 1,2 or 1-8 (default: the first)")
     sim.add_argument("--cells", type=int,
@@ -254,7 +254,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .calibrate import get_detector, load_constants, synth_constants
     from .ingest import Sender, make_simulation, run_sender
 
-    spec = get_detector(args.detector)
+    try:
+        spec = get_detector(args.detector)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, key="--detector") from None
     modules = _parse_modules(args.modules or str(spec.first_module))
     cells = args.cells or spec.default_cells
     spec.check_cells(cells, key="--cells")
