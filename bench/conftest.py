@@ -1,7 +1,14 @@
 """Bench helpers: record bytes per benchmark and print throughput (GB/s) and ratios at the end.
 
-pytest-benchmark reports seconds; targets are ratios (kernel vs a memory copy of the same
-bytes, two threads vs one), so this prints them in one table after the run.
+pytest-benchmark reports seconds, one table per group (the stage: memory, decode, calibrate,
+compress, write, store, events); targets are ratios (kernel vs a memory copy of the same
+bytes, two threads vs one), so this also prints GB/s in one table, by stage, after the run.
+
+Compare two runs (saved under ``.benchmarks/``)::
+
+    .venv/bin/pytest bench --benchmark-only --benchmark-autosave     # run 0001, 0002, ...
+    .venv/bin/pytest bench --benchmark-only --benchmark-compare      # against the last saved
+    .venv/bin/pytest-benchmark compare 0001 0002 --group-by=group    # two saved runs
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import pytest
 
 @dataclass
 class Rate:
+    group: str
     label: str
     nbytes: int
     min_s: float
@@ -37,7 +45,8 @@ class RateRecorder:
         stats = getattr(benchmark, "stats", None)
         if stats is None:  # --benchmark-disable
             return
-        _RESULTS[label] = Rate(label, nbytes, stats.stats.min, stats.stats.median)
+        group = getattr(benchmark, "group", None) or ""
+        _RESULTS[label] = Rate(group, label, nbytes, stats.stats.min, stats.stats.median)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +62,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
     write("")
     write("throughput of raw input (GB/s, from the fastest round; median in brackets)")
     write(f"{'benchmark':52s} {'GB/s':>14s} {'x copy':>7s} {'x 1 thread':>10s}")
-    for label, rate in _RESULTS.items():
+    order = list(dict.fromkeys(r.group for r in _RESULTS.values()))
+    previous = None
+    for label, rate in sorted(_RESULTS.items(), key=lambda kv: order.index(kv[1].group)):
+        if rate.group != previous:
+            write(f"[{rate.group or 'other'}]")
+            previous = rate.group
         ratio = f"{rate.gbps / copy.gbps:7.3f}" if copy and rate is not copy else " " * 7
         scaling = " " * 10
         if label.endswith(", 2 threads"):
