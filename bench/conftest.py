@@ -61,7 +61,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     copy = _RESULTS.get("memory copy, same bytes")
     write("")
     write("throughput of raw input (GB/s, from the fastest round; median in brackets)")
-    write(f"{'benchmark':52s} {'GB/s':>14s} {'x copy':>7s} {'x 1 thread':>10s}")
+    write(f"{'benchmark':60s} {'GB/s':>14s} {'x copy':>7s} {'x 1 thread':>10s}")
     order = list(dict.fromkeys(r.group for r in _RESULTS.values()))
     previous = None
     for label, rate in sorted(_RESULTS.items(), key=lambda kv: order.index(kv[1].group)):
@@ -74,4 +74,4 @@ def pytest_terminal_summary(terminalreporter) -> None:
             one = _RESULTS.get(label.removesuffix(", 2 threads") + ", 1 thread")
             if one:
                 scaling = f"{rate.gbps / one.gbps:10.2f}"
-        write(f"{label:52s} {rate.gbps:6.2f} [{rate.gbps_median:5.2f}] {ratio} {scaling}")
+        write(f"{label:60s} {rate.gbps:6.2f} [{rate.gbps_median:5.2f}] {ratio} {scaling}")
