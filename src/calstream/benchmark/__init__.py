@@ -9,7 +9,7 @@
 
 from calstream.benchmark.endtoend import EndToEnd, RecordingStats
 from calstream.benchmark.report import to_markdown, write_report
-from calstream.benchmark.runner import DEFAULT_ROOT, BenchOptions, run_bench
+from calstream.benchmark.runner import DEFAULT_ROOT, BenchOptions, bench_config, run_bench
 from calstream.benchmark.sender import SenderProcess
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "EndToEnd",
     "RecordingStats",
     "SenderProcess",
+    "bench_config",
     "run_bench",
     "to_markdown",
     "write_report",

@@ -138,8 +138,8 @@ class EndToEnd:
         """Start the pipeline and the sampler; send a few trains to warm everything up."""
         self._thread.start()
         self._sampler.start()
-        self._send(1.0 * max(warmup_trains, 1), warmup_trains)
-        self._drain(60.0)
+        self.send(1.0 * max(warmup_trains, 1), warmup_trains)
+        self.drain(60.0)
         self.timeline.clear()
         self.offered.clear()
 
@@ -184,14 +184,15 @@ class EndToEnd:
         if self._done.is_set():
             raise RuntimeError("the pipeline stopped during the bench") from self._error
 
-    def _send(self, rate_hz: float, trains: int) -> StepResult:
+    def send(self, rate_hz: float, trains: int) -> StepResult:
+        """Have the sender send ``trains`` trains at ``rate_hz`` (0: as fast as it can)."""
         self._check_alive()
         result = self.sender.step(rate_hz, trains)
         self.sent += result.trains
         self.offered.append((result.start, result.start + result.seconds, rate_hz))
         return result
 
-    def _drain(self, timeout: float) -> bool:
+    def drain(self, timeout: float) -> bool:
         """Wait until every train sent so far is written or dropped."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -207,12 +208,12 @@ class EndToEnd:
     def fixed(self, rate_hz: float, seconds: float) -> StepReport:
         """One step at ``rate_hz`` for ``seconds``; then wait for the pipeline to catch up."""
         trains = max(3, round(rate_hz * seconds))
-        self._drain(30.0)
+        self.drain(30.0)
         first = len(self.stats.samples)
         before = self._sample()
-        result = self._send(rate_hz, trains)
+        result = self.send(rate_hz, trains)
         end = self._sample()
-        self._drain(max(10.0, 3 * seconds))
+        self.drain(max(10.0, 3 * seconds))
         after = self._sample()
         observed = self.stats.samples[first:]
         latencies = [sec for _, name, _, sec in observed if name == "latency_seconds"]

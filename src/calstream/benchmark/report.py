@@ -209,9 +209,9 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
         t = np.array([x["t"] for x in tl])
         written = np.array([x["trains_written"] for x in tl], float)
         dropped = np.array([x["dropped"] for x in tl], float)
-        k = 4  # 1 s at 4 samples per second
+        k = 8  # 2 s at 4 samples per second: a few trains per window even at low rates
         rate = (written[k:] - written[:-k]) / (t[k:] - t[:-k]) * gb_per_train
-        ax.plot(t[k:] - (t[k:] - t[:-k]) / 2, rate, label="written (1 s average)", color="C0")
+        ax.plot(t[k:] - (t[k:] - t[:-k]) / 2, rate, label="written (2 s average)", color="C0")
         drops = np.flatnonzero(np.diff(dropped) > 0)
         if drops.size:
             ax.plot(t[drops + 1], np.zeros(drops.size), "x", color="C3", label="drops")
@@ -226,8 +226,9 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("time since the ramp started (s)")
     ax.set_ylabel("GB/s of raw input")
     ax.set_title("Ramp: offered rate steps and what the pipeline wrote")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left", fontsize=8)
+    top = max([hz * gb_per_train for _, _, hz in r["offered"]] + [r["bound"]["gbps"]])
+    ax.set_ylim(0, top * 1.45)  # headroom for the legend
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "ramp.png"))
 
@@ -240,6 +241,7 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
             v = lat["seconds"][q] * 1e3
             ax.axvline(v, color="k", ls=style, lw=1, label=f"{q} {v:.0f} ms")
     ax.axvline(250, color="C3", lw=1, label="target p99 250 ms")
+    ax.set_xlim(left=0)
     ax.set_xlabel("latency per train, first part received → chunks written (ms)")
     ax.set_ylabel("trains")
     ax.set_title(f"Latency at {lat['fraction']:.0%} of the sustained rate "

@@ -15,6 +15,7 @@ import platform
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from calstream.benchmark.endtoend import EndToEnd
 from calstream.benchmark.sender import SenderProcess
 from calstream.benchmark.stages import BenchData, measure_baseline, measure_stages
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["BenchOptions", "bench_config", "run_bench"]
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(options: BenchOptions, root: Path, port: int) -> tuple[Any, str]:
-    """The pipeline config under test, and its constants template."""
+def bench_config(config_file: str | None, overrides: Sequence[str], root: Path,
+                 port: int | None = None, *, destination: str = "",
+                 overflow: str = "drop-newest") -> tuple[Any, str]:
+    """The pipeline config under test, and its constants template.
+
+    ``config_file`` and ``overrides`` as for ``calstream run``; the bench then points the
+    source at the sender process on ``port`` (PULL; default: a free one), turns off what is
+    not measured (simulation, metrics, preview, Kafka), puts the spool under ``root`` and the
+    files into
+    ``destination`` (default ``file://ROOT/data``). Constants the config names are used if they
+    exist, else synthetic ones are written once into ``root/constants``.
+    """
     from calstream.calibrate import synth_jungfrau_constants
     from calstream.config import load_config
 
-    config = load_config(options.config, options.overrides)
+    config = load_config(config_file, overrides)
+    port = port or _free_port()
     cal = config.calibration
     template = cal.constants
-    if options.config is None or not all(cal.constants_path(m).exists()
+    if config_file is None or not all(cal.constants_path(m).exists()
                                          for m in config.source.modules):
         const_dir = root / "constants"
         const_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +106,7 @@ def _config(options: BenchOptions, root: Path, port: int) -> tuple[Any, str]:
                 log.info("writing synthetic constants %s", path)
                 synth_jungfrau_constants(path, cells=cal.cells, seed=module)
     spool = root / "spool"
-    destination = options.destination or f"file://{root / 'data'}"
+    destination = destination or f"file://{root / 'data'}"
     bench = [
         f'source.endpoint="tcp://127.0.0.1:{port}"', "source.endpoints=[]",
         'source.pattern="pull"', "source.bind=false", "source.idle_timeout=0.0",
@@ -102,10 +114,10 @@ def _config(options: BenchOptions, root: Path, port: int) -> tuple[Any, str]:
         'source.gain_mode="bits"', "simulate.enabled=false",
         f'calibration.constants="{template}"', "calibration.synthesize_missing=false",
         f'output.spool="{spool}"', f'output.destination="{destination}"',
-        'pipeline.overflow="drop-newest"', 'metrics.status="off"', "metrics.port=0",
+        f'pipeline.overflow="{overflow}"', 'metrics.status="off"', "metrics.port=0",
         'preview.endpoint=""', "events.kafka.bootstrap_servers=[]",
     ]
-    return load_config(options.config, [*options.overrides, *bench]), template
+    return load_config(config_file, [*overrides, *bench]), template
 
 
 def _bench_data(config: Any, template: str) -> BenchData:
@@ -144,8 +156,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     for sub in ("spool", "data", "stage-spool"):
         shutil.rmtree(root / sub, ignore_errors=True)
     started = time.time()
-    port = _free_port()
-    config, template = _config(options, root, port)
+    config, template = bench_config(options.config, options.overrides, root,
+                                    destination=options.destination)
     workers = config.pipeline.workers
     modules = tuple(config.source.modules)
     cells = config.calibration.cells
