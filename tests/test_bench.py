@@ -73,6 +73,8 @@ def test_bench_quick_writes_a_sane_report(bench_run) -> None:
         sustained["gbps"] / report["bound"]["gbps"])
     assert ratios["calstream_per_baseline"] == pytest.approx(
         sustained["gbps"] / report["baseline"]["gbps"])
+    bound = report["bound"]
+    assert 0 < bound["shared_cores_gbps"] <= bound["cores"] * report["stages"]["write"]["gbps"]
     assert report["compression"]["ratio"] > 1
     assert sustained["cpu_s_per_gb"] > 0
     assert set(sustained["stage_seconds_per_train"]) >= {"correct", "compress", "write"}
