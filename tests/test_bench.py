@@ -97,3 +97,26 @@ def test_bench_quick_writes_a_sane_report(bench_run) -> None:
     for name in ("ramp.png", "latency.png", "stages.png"):
         head = (out / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_scaling_follows_the_several_nodes_arithmetic() -> None:
+    """The README's example (*Several nodes*): compression ~0.45 GB/s of raw input per core,
+    a writer at ~1.9 GB/s of raw input, 32-core nodes with 2 processes of 14 workers: writing
+    bounds it, 16 processes and 8 nodes for 30 GB/s."""
+    from calstream.benchmark.report import scaling
+
+    report = {
+        "stages": {"correct x1": {"gbps": 4.5}, "compress x1": {"gbps": 0.45},
+                   "write": {"gbps": 1.9}, "receive + decode": {"gbps": 2.3}},
+        "sustained": {"cpu_s_per_gb": 2.5}, "latency": {"cpu_s_per_gb": 3.0},
+    }
+    sc = scaling(report, cores_per_node=32, processes_per_node=2,
+                 targets=[("JUNGFRAU-4M", 1.3), ("peak", 30.0)])
+    assert sc["workers_per_process"] == 14
+    assert sc["per_core_gbps"] == pytest.approx(1 / (1 / 4.5 + 1 / 0.45))
+    assert sc["per_process_limit"] == "writer" and sc["per_node_gbps"] == pytest.approx(3.8)
+    small, peak = sc["rows"]
+    assert (peak["processes"], peak["nodes"]) == (16, 8)
+    assert peak["worker_cores"] == pytest.approx(30 * (1 / 4.5 + 1 / 0.45), abs=0.05)
+    assert peak["nodes_measured_cpu"] == 3  # 30 GB/s x 2.5 core-s/GB on 32-core nodes
+    assert (small["processes"], small["nodes"]) == (1, 1)

@@ -225,13 +225,24 @@ def _plots(r: dict[str, Any], out: Path) -> list[Path]:
     if r["sustained"]["gbps"]:
         ax.axhline(r["sustained"]["gbps"], color="C2", ls="--", lw=1,
                    label=f"sustained {r['sustained']['gbps']:.3f} GB/s")
-    ax.axhline(r["bound"]["gbps"], color="grey", ls=":", lw=1,
-               label=f"bound ({r['bound']['stage']}) {r['bound']['gbps']:.2f} GB/s")
+    bound = r["bound"]
+    ax.axhline(bound["shared_cores_gbps"], color="C1", ls=":", lw=1,
+               label=f"bound, all stages on {bound['cores']} cores "
+                     f"{bound['shared_cores_gbps']:.2f} GB/s")
+    top = 1.45 * max([hz * gb_per_train for _, _, hz in r["offered"]]
+                     + [bound["shared_cores_gbps"]])  # headroom for the legend
+    off_scale = " (above the plot)" if bound["gbps"] > top else ""
+    ax.axhline(bound["gbps"], color="grey", ls=":", lw=1,
+               label=f"bound, slowest stage ({bound['stage']}) {bound['gbps']:.2f} GB/s"
+                     + off_scale)
+    if r["offered"]:
+        a, b, hz = r["offered"][-1]
+        ax.annotate(f"latency step ({lat['fraction']:.0%})", ((a + b) / 2, hz * gb_per_train),
+                    xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8)
     ax.set_xlabel("time since the ramp started (s)")
     ax.set_ylabel("GB/s of raw input")
     ax.set_title("Ramp: offered rate steps and what the pipeline wrote")
-    top = max([hz * gb_per_train for _, _, hz in r["offered"]] + [r["bound"]["gbps"]])
-    ax.set_ylim(0, top * 1.45)  # headroom for the legend
+    ax.set_ylim(0, top)
     ax.legend(loc="upper left", fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "ramp.png"))
