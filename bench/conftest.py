@@ -2,7 +2,8 @@
 
 pytest-benchmark reports seconds, one table per group (the stage: memory, decode, calibrate,
 compress, write, store, events); targets are ratios (kernel vs a memory copy of the same
-bytes, two threads vs one), so this also prints GB/s in one table, by stage, after the run.
+bytes, two threads vs one), so this also prints GB/s in one table after the run, in the order
+of the stages.
 
 Compare two runs (saved under ``.benchmarks/``)::
 
@@ -20,7 +21,6 @@ import pytest
 
 @dataclass
 class Rate:
-    group: str
     label: str
     nbytes: int
     min_s: float
@@ -45,33 +45,50 @@ class RateRecorder:
         stats = getattr(benchmark, "stats", None)
         if stats is None:  # --benchmark-disable
             return
-        group = getattr(benchmark, "group", None) or ""
-        _RESULTS[label] = Rate(group, label, nbytes, stats.stats.min, stats.stats.median)
+        _RESULTS[label] = Rate(label, nbytes, stats.stats.min, stats.stats.median)
+
+
+_GROUPS: dict[str, str] = {}  # label -> the benchmark's group (its stage)
+_STAGE_ORDER = ("memory", "decode", "calibrate", "compress", "write", "store (webdav)", "events")
+
+
+class _GroupedRecorder(RateRecorder):
+    """Also remembers each label's benchmark group, so the summary lists stage by stage."""
+
+    def add(self, label: str, nbytes: int, benchmark, **kwargs) -> None:
+        super().add(label, nbytes, benchmark, **kwargs)
+        _GROUPS[label] = getattr(benchmark, "group", None) or ""
+
+
+def _sort_by_stage() -> None:
+    def key(label: str) -> int:
+        group = _GROUPS.get(label, "")
+        return _STAGE_ORDER.index(group) if group in _STAGE_ORDER else len(_STAGE_ORDER)
+
+    ordered = sorted(_RESULTS, key=key)  # stable: within a stage, in the order they ran
+    for label in ordered:
+        _RESULTS[label] = _RESULTS.pop(label)
 
 
 @pytest.fixture(scope="session")
 def rates() -> RateRecorder:
-    return RateRecorder()
+    return _GroupedRecorder()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if not _RESULTS:
         return
+    _sort_by_stage()
     write = terminalreporter.write_line
     copy = _RESULTS.get("memory copy, same bytes")
     write("")
     write("throughput of raw input (GB/s, from the fastest round; median in brackets)")
-    write(f"{'benchmark':60s} {'GB/s':>14s} {'x copy':>7s} {'x 1 thread':>10s}")
-    order = list(dict.fromkeys(r.group for r in _RESULTS.values()))
-    previous = None
-    for label, rate in sorted(_RESULTS.items(), key=lambda kv: order.index(kv[1].group)):
-        if rate.group != previous:
-            write(f"[{rate.group or 'other'}]")
-            previous = rate.group
+    write(f"{'benchmark':52s} {'GB/s':>14s} {'x copy':>7s} {'x 1 thread':>10s}")
+    for label, rate in _RESULTS.items():
         ratio = f"{rate.gbps / copy.gbps:7.3f}" if copy and rate is not copy else " " * 7
         scaling = " " * 10
         if label.endswith(", 2 threads"):
             one = _RESULTS.get(label.removesuffix(", 2 threads") + ", 1 thread")
             if one:
                 scaling = f"{rate.gbps / one.gbps:10.2f}"
-        write(f"{label:60s} {rate.gbps:6.2f} [{rate.gbps_median:5.2f}] {ratio} {scaling}")
+        write(f"{label:52s} {rate.gbps:6.2f} [{rate.gbps_median:5.2f}] {ratio} {scaling}")
