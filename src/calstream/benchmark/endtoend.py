@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from calstream.benchmark.sender import SenderProcess, StepResult
+from calstream.errors import CalstreamError
 from calstream.metrics import RunSummary, Stats
 
 __all__ = ["EndToEnd", "RecordingStats", "Sample", "StepReport"]
@@ -182,7 +183,9 @@ class EndToEnd:
 
     def _check_alive(self) -> None:
         if self._done.is_set():
-            raise RuntimeError("the pipeline stopped during the bench") from self._error
+            if isinstance(self._error, CalstreamError):
+                raise self._error
+            raise CalstreamError("the pipeline stopped during the bench") from self._error
 
     def send(self, rate_hz: float, trains: int) -> StepResult:
         """Have the sender send ``trains`` trains at ``rate_hz`` (0: as fast as it can)."""

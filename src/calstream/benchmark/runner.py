@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,9 @@ __all__ = ["BenchOptions", "bench_config", "run_bench"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = "/dev/shm/calstream-bench"
+# tmpfs: new pages on this VM's disk cost a host first-touch (DESIGN.md §7)
+DEFAULT_ROOT = ("/dev/shm/calstream-bench" if os.path.isdir("/dev/shm")
+                else os.path.join(tempfile.gettempdir(), "calstream-bench"))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from calstream.errors import CalstreamError
+
 __all__ = ["SenderProcess", "StepResult"]
 
 
@@ -68,16 +70,22 @@ class SenderProcess:
              "--first-train-id", str(first_train_id)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
-        line = self._readline(timeout)
+        try:
+            line = self._readline(timeout)
+        except CalstreamError:
+            self.close()
+            raise
         if line.strip() != "ready":
             self.close()
-            raise RuntimeError(f"bench sender did not start: {line!r}")
+            raise CalstreamError(f"the bench sender did not start: {line!r}", source=endpoint)
 
     def _readline(self, timeout: float) -> str:
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"bench sender exited with code {self._proc.wait(timeout)}")
+            code = self._proc.wait(timeout)
+            raise CalstreamError(f"the bench sender exited with code {code} (its error is above)",
+                                 source=self.endpoint)
         return line
 
     def step(self, rate_hz: float, trains: int) -> StepResult:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from calstream.errors import CalstreamError
+
 __all__ = ["BenchData", "StageRate", "measure_baseline", "measure_stages"]
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,12 @@ def measure_receive(data: BenchData, trains: int) -> StageRate:
     try:
         sender.start()
         if receiver.receive(timeout=30) is None:  # the first one connects and warms up
-            raise RuntimeError("receive benchmark: nothing arrived")
+            raise CalstreamError("receive benchmark: nothing arrived", source=receiver.endpoint)
         t0 = time.perf_counter()
         for _ in range(trains):
             if receiver.receive(timeout=30) is None:
-                raise RuntimeError("receive benchmark: a train did not arrive")
+                raise CalstreamError("receive benchmark: a train did not arrive",
+                                     source=receiver.endpoint)
         seconds = time.perf_counter() - t0
         sender.join()
     finally:
