@@ -107,7 +107,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"CPU of the pipeline process: {s['cpu_s_per_gb']:.1f} core-s per GB at the sustained "
         f"rate, {lat['cpu_s_per_gb']:.1f} at {lat['fraction']:.0%}. Compression "
         f"{r['compression']['ratio']:.2f}x of the corrected data; files are "
-        f"{r['compression']['file_bytes_per_raw_byte']:.2f}x the raw input.",
+        f"{r['compression']['file_bytes_per_raw_byte']:.2f}x the raw input. Peak memory of "
+        f"the bench process (pipeline and stages alone): "
+        f"{r['summary'].get('peak_rss_mb', 0)} MB.",
         "",
         "| target | wanted | reached | |",
         "| --- | ---: | ---: | --- |",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import resource
 import shutil
 import socket
 import tempfile
@@ -263,7 +264,9 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "offered": offered,
         "summary": {"trains": summary.trains, "files": summary.files,
                     "events": summary.events, "problems": summary.problems,
-                    "sender_cpu_s": round(sender_cpu, 2)},
+                    "sender_cpu_s": round(sender_cpu, 2),
+                    "peak_rss_mb": round(
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
     }
     from calstream.benchmark.report import scaling
 
