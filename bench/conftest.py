@@ -1,7 +1,15 @@
 """Bench helpers: record bytes per benchmark and print throughput (GB/s) and ratios at the end.
 
-pytest-benchmark reports seconds; targets are ratios (kernel vs a memory copy of the same
-bytes, two threads vs one), so this prints them in one table after the run.
+pytest-benchmark reports seconds, one table per group (the stage: memory, decode, calibrate,
+compress, write, store, events); targets are ratios (kernel vs a memory copy of the same
+bytes, two threads vs one), so this also prints GB/s in one table after the run, in the order
+of the stages.
+
+Compare two runs (saved under ``.benchmarks/``)::
+
+    .venv/bin/pytest bench --benchmark-only --benchmark-autosave     # run 0001, 0002, ...
+    .venv/bin/pytest bench --benchmark-only --benchmark-compare      # against the last saved
+    .venv/bin/pytest-benchmark compare 0001 0002 --group-by=group    # two saved runs
 """
 
 from __future__ import annotations
@@ -52,14 +60,37 @@ class RateRecorder:
         )
 
 
+_GROUPS: dict[str, str] = {}  # label -> the benchmark's group (its stage)
+_STAGE_ORDER = ("memory", "decode", "calibrate", "compress", "write", "store (webdav)", "events")
+
+
+class _GroupedRecorder(RateRecorder):
+    """Also remembers each label's benchmark group, so the summary lists stage by stage."""
+
+    def add(self, label: str, nbytes: int, benchmark, **kwargs) -> None:
+        super().add(label, nbytes, benchmark, **kwargs)
+        _GROUPS[label] = getattr(benchmark, "group", None) or ""
+
+
+def _sort_by_stage() -> None:
+    def key(label: str) -> int:
+        group = _GROUPS.get(label, "")
+        return _STAGE_ORDER.index(group) if group in _STAGE_ORDER else len(_STAGE_ORDER)
+
+    ordered = sorted(_RESULTS, key=key)  # stable: within a stage, in the order they ran
+    for label in ordered:
+        _RESULTS[label] = _RESULTS.pop(label)
+
+
 @pytest.fixture(scope="session")
 def rates() -> RateRecorder:
-    return RateRecorder()
+    return _GroupedRecorder()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if not _RESULTS:
         return
+    _sort_by_stage()
     write = terminalreporter.write_line
     write("")
     write("throughput of raw input (GB/s, from the fastest round; median in brackets)")

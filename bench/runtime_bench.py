@@ -1,14 +1,17 @@
 """End-to-end runtime measurements: sustained rate per worker count, memory per overflow policy.
 
-Not a pytest benchmark: each case runs a real `calstream simulate` sender process (PUSH, as fast
-as it can) into a Pipeline in this process, spool and destination on tmpfs so that the VM's slow
-first-touch disk writes do not hide the pipeline's own rate::
+Not a pytest benchmark, and not ``calstream bench`` (which ramps rates to find the highest one
+kept up with, with drop-newest): each case here sends as fast as the sender process can into
+a Pipeline with the given overflow policy, using the same harness (:mod:`calstream.benchmark`:
+the sender in its own process, spool and destination on tmpfs so that the VM's slow
+first-touch disk writes do not hide the pipeline's own rate)::
 
     .venv/bin/python bench/runtime_bench.py rate --workers 1 2
     .venv/bin/python bench/runtime_bench.py memory --policy block drop-oldest drop-newest
 
-``memory`` runs each policy in a fresh process and reports the peak RSS (``ru_maxrss``) with an
-input faster than the pipeline (one worker).
+``rate`` uses ``block`` (the sender is held back by ZeroMQ, nothing is dropped); ``memory``
+runs each policy in a fresh process and reports the peak RSS (``ru_maxrss``) with an input
+faster than the pipeline (one worker).
 """
 
 from __future__ import annotations
@@ -17,64 +20,48 @@ import argparse
 import json
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_case(root: Path, *, workers: int, policy: str, trains: int, cells: int) -> dict:
     import psutil
 
-    from calstream.config import load_config
-    from calstream.pipeline import Pipeline
+    from calstream.benchmark import EndToEnd, SenderProcess, bench_config
 
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    port = _free_port()
-    constants = root / "constants.h5"
-    subprocess.run([str(BIN / "calstream"), "constants", "synth", "--cells", str(cells),
-                    "-o", str(constants)], check=True, capture_output=True)
-    config = load_config(None, [
-        f"source.endpoint=\"tcp://127.0.0.1:{port}\"", "simulate.enabled=false",
-        f"calibration.constants=\"{constants}\"", f"calibration.cells={cells}",
-        f"output.spool=\"{root / 'spool'}\"", f"output.destination=\"file://{root / 'data'}\"",
-        f"pipeline.workers={workers}", f"pipeline.overflow=\"{policy}\"",
-        "source.idle_timeout=3.0", "metrics.status=\"off\"",
-    ])
-    pipeline = Pipeline(config)
-    sender = subprocess.Popen(
-        [str(BIN / "calstream"), "--log-level", "warning", "simulate",
-         "--endpoint", f"tcp://127.0.0.1:{port}", "--cells", str(cells), "--rate", "0",
-         "--trains", str(trains), "--constants", str(constants)],
-        stdout=subprocess.PIPE, text=True,
+    for sub in ("spool", "data"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    config, template = bench_config(
+        None, [f"pipeline.workers={workers}", f"calibration.cells={cells}"], root,
+        overflow=policy,
     )
-    rss_before = psutil.Process().memory_info().rss
-    t0 = time.monotonic()
-    summary = pipeline.run()
-    wall = time.monotonic() - t0
-    sender.wait(timeout=60)
-    busy = wall - 3.0  # the idle timeout that ended the run
-    shutil.rmtree(root, ignore_errors=True)
+    modules = tuple(config.source.modules)
+    with SenderProcess(config.source.endpoint, modules=modules, cells=cells,
+                       constants=template, detector_id=config.source.detector_id) as sender:
+        e2e = EndToEnd(config, sender, 512 * 1024 * 2 * cells * len(modules),
+                       destination_dir=root / "data")
+        try:
+            e2e.start()
+            rss_before = psutil.Process().memory_info().rss
+            t0 = time.monotonic()
+            sent = e2e.send(0, trains)  # as fast as it can
+            e2e.drain(120.0)
+            busy = time.monotonic() - t0
+        finally:
+            summary = e2e.stop()
+    written = summary.trains - 3  # the warm-up trains
     return {
-        "workers": workers, "policy": policy, "cells": cells, "trains_sent": trains,
-        "trains_written": summary.trains, "problems": summary.problems,
-        "gbps_raw": round(summary.bytes_in / busy / 1e9, 3),
-        "trains_per_s": round(summary.trains / busy, 1),
+        "workers": workers, "policy": policy, "cells": cells, "trains_sent": sent.trains,
+        "trains_written": written, "problems": summary.problems,
+        "gbps_raw": round(e2e.train_bytes * written / busy / 1e9, 3),
+        "trains_per_s": round(written / busy, 1),
         "ms_per_train": {k: round(v / max(summary.trains, 1) * 1e3, 1)
                          for k, v in summary.stage_seconds.items()},
         "rss_before_mb": round(rss_before / 2**20),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "sender": sender.stdout.read().strip() if sender.stdout else "",
+        "sender": f"sent {sent.trains} trains at {sent.achieved_hz:.1f}/s",
     }
 
 

@@ -46,6 +46,7 @@ def _filled_outbox(path: Path, n: int) -> Outbox:
     return outbox
 
 
+@pytest.mark.benchmark(group="events")
 def test_publisher_events_per_second(benchmark, bootstrap, tmp_path):
     rounds = iter(range(1000))
 

@@ -55,6 +55,7 @@ def pool():
         yield executor
 
 
+@pytest.mark.benchmark(group="memory")
 def test_memory_copy_same_bytes(benchmark, rates, train) -> None:
     adc = train["data.adc"]
     dst = np.empty_like(adc)
@@ -64,6 +65,7 @@ def test_memory_copy_same_bytes(benchmark, rates, train) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.benchmark(group="memory")
 def test_memory_copy_beyond_cache(benchmark, rates, train, pool, threads) -> None:
     """256 MB: the copy once the bytes no longer fit in the last-level cache. With two threads
     (np.copyto releases the GIL) it shows how far memory bandwidth itself scales right now,
@@ -99,6 +101,7 @@ BACKENDS = [
 @pytest.mark.parametrize("cells", [16, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.benchmark(group="calibrate")
 def test_jungfrau(benchmark, rates, constants, train, pool, backend, cells, threads) -> None:
     corrector = JungfrauCorrector(constants[cells], backend)
     corrector.warmup()
@@ -122,6 +125,7 @@ def test_jungfrau(benchmark, rates, constants, train, pool, backend, cells, thre
     assert np.count_nonzero(outs[1]) > 0  # some pixels left G0: both code paths ran
 
 
+@pytest.mark.benchmark(group="calibrate")
 def test_jungfrau_numpy_reference(benchmark, rates, constants, train) -> None:
     corrector = JungfrauCorrector(constants[16], "numpy")
     adc, cell = train["data.adc"], train["data.memoryCell"]

@@ -62,6 +62,7 @@ def pool():
 @pytest.mark.parametrize("kind", ["float32", "float32 bitround 12", "int16 photons",
                                   "uint8 gain", "uint32 mask"])
 @pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.benchmark(group="compress")
 def test_codec(benchmark, rates, corrected, pool, spec, kind, threads) -> None:
     if kind in ("uint8 gain", "uint32 mask") and spec not in ("bitshuffle-lz4", "zstd:1",
                                                               "lz4"):
@@ -105,6 +106,7 @@ def door(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("uploads", [1, 2])
+@pytest.mark.benchmark(group="store (webdav)")
 def test_webdav_upload(benchmark, rates, door, tmp_path: Path, pool, uploads: int) -> None:
     server, token = door
     size = 64 << 20
@@ -126,6 +128,7 @@ def test_webdav_upload(benchmark, rates, door, tmp_path: Path, pool, uploads: in
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.benchmark(group="compress")
 def test_bitround(benchmark, rates, corrected, pool, threads) -> None:
     """The Numba bit-rounding kernel on a corrected float32 train (in place, GIL released)."""
     work = corrected["float32"].copy()

@@ -1,4 +1,4 @@
-"""The ``calstream`` command: run | simulate | constants | events | check."""
+"""The ``calstream`` command: run | simulate | constants | events | check | bench."""
 
 from __future__ import annotations
 
@@ -113,7 +113,46 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("-v", "--verbose", action="store_true", help="print each event's JSON")
     lst.set_defaults(func=_cmd_events_list)
     _add_event_commands(events_sub, sub)
+    _add_bench_command(sub)
     return parser
+
+
+def _add_bench_command(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench", help="measure sustained rate, latency, stages alone and a baseline; report"
+    )
+    bench.add_argument("config", nargs="?", help="pipeline config (TOML) to measure")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    bench.add_argument("--quick", action="store_true", help="short phases (CI-sized)")
+    bench.add_argument("-o", "--out", default="bench-report",
+                       help="directory for report.json, report.md and the PNGs")
+    bench.add_argument("--root", help="where spool and data go (default /dev/shm/calstream-bench)")
+    bench.add_argument("--destination", help="output.destination (default file://ROOT/data)")
+    bench.add_argument("--start-rate", type=float, help="first ramp step, trains/s")
+    bench.add_argument("--step-seconds", type=float, help="seconds per ramp step")
+    bench.add_argument("--latency-fraction", type=float, help="fixed rate / sustained (0.5)")
+    bench.add_argument("--latency-seconds", type=float, help="length of the fixed-rate step")
+    bench.add_argument("--node-cores", type=int, help="cores per node for scaling (32)")
+    bench.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    bench.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchOptions, run_bench, to_markdown, write_report
+
+    given = {
+        "root": args.root, "destination": args.destination, "start_hz": args.start_rate,
+        "step_seconds": args.step_seconds, "latency_fraction": args.latency_fraction,
+        "latency_seconds": args.latency_seconds, "node_cores": args.node_cores,
+    }
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    kwargs.update(config=args.config, overrides=tuple(args.set))
+    options = BenchOptions.quick_options(**kwargs) if args.quick else BenchOptions(**kwargs)
+    report = run_bench(options)
+    paths = write_report(report, Path(args.out), plots=not args.no_plots)
+    print(to_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _add_event_commands(events_sub: Any, sub: Any) -> None:
