@@ -119,7 +119,9 @@ def agipd_case(rng, n, ss, fs, cells, *, specials=True):
 
 def agipd_oracle(analog, digital, cell, offset, gain, badpix, thresholds):
     thr_ok = np.isfinite(thresholds).all(axis=1)
-    thr = np.where(np.isfinite(thresholds), thresholds, 0).astype(np.float64)[cell]
+    thr = np.where(thr_ok[:, None], thresholds, 0).astype(np.float64)
+    thr[:, 1] = np.maximum(thr[:, 1], thr[:, 0])  # T1 below T0 counts as T0 (see facility.py)
+    thr = thr[cell]
     dig = digital.astype(np.float64)
     stage = np.where(dig > thr[:, 0], 1, 0)
     stage = np.where(dig > thr[:, 1], 2, stage)

@@ -164,7 +164,11 @@ def _finish(
         badpix |= np.where(thr_bad, np.uint32(BADPIX.GAIN_THRESHOLDING_ERROR), np.uint32(0))[
             :, None
         ]
-        thresholds[~np.isfinite(thresholds)] = 0.0
+        # A pixel with an unusable threshold is masked; both thresholds 0 put it in G2
+        # consistently. T1 is raised to T0 where it lies below: the kernels skip a block
+        # whose digital values are all at or below T0, which needs T0 <= T1.
+        thresholds[np.broadcast_to(thr_bad[:, None], thresholds.shape)] = 0.0
+        np.maximum(thresholds[:, 1], thresholds[:, 0], out=thresholds[:, 1])
     factor = np.where(badpix == 0, gain, np.float32(0)).astype(np.float32)
     for arr in (offset, gain, factor, badpix, thresholds):
         if arr is not None:
