@@ -168,6 +168,7 @@ class OutputConfig:
     store_timeout: float = 60.0
     store_deadline: float = 600.0
     upload_rename: bool = True
+    retry_unstored: float = 60.0
     retention: Literal["delete", "keep"] = "delete"
     spool_limit: int | str = 0
     overflow: Literal["block", "stop"] = "block"
@@ -236,6 +237,8 @@ class OutputConfig:
         _require(self.uploads >= 1, "uploads", f"must be >= 1. Got {self.uploads}.")
         _require(self.store_timeout > 0, "store_timeout", "must be > 0 seconds")
         _require(self.store_deadline > 0, "store_deadline", "must be > 0 seconds")
+        _require(self.retry_unstored >= 0, "retry_unstored",
+                 "must be >= 0 seconds (0: retry only at the next start)")
         if self.token_file and "://" in self.destination:
             _require(
                 not self.destination.lower().startswith("file:"),
