@@ -14,9 +14,10 @@ An event is marked ``sent`` only after the broker acknowledged it. A failed send
 ``pending`` in its place and the relay starts again from the oldest pending event after
 ``retry_interval``: the events wait, in order, however long the broker is away, with a warning
 every ``warn_every`` seconds that gives the backlog. A partition has at most one record batch in
-flight, stored or refused as a whole, so no failure lets its later events overtake earlier ones. Idempotence (``idempotence = "auto"``) is
-asked for and dropped with one warning when the broker refuses it (tansu does): then a batch
-retried inside aiokafka may arrive twice, which consumers de-duplicate by ``ce_id``.
+flight, stored or refused as a whole, so no failure lets its later events overtake earlier
+ones. Idempotence (``idempotence = "auto"``) is asked for and dropped with one warning when the
+broker refuses it (tansu does): then a batch retried inside aiokafka may arrive twice, which
+consumers de-duplicate by ``ce_id``.
 """
 
 from __future__ import annotations
