@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from calstream.config import KafkaConfig, ShipConfig
-from calstream.errors import ChecksumMismatch
+from calstream.errors import ChecksumMismatch, StoreError
 from calstream.events import Outbox
 from calstream.pipeline import Pipeline
 from calstream.ship import Shipper
-from calstream.store import WebdavSettings
+from calstream.store import WebdavDestination, WebdavSettings, open_destination
 from tests.test_kafka import kafka_overrides
+from tests.test_webdav import RELPATH, adler, fast
 from tests.webdav_fixtures import TOKEN, WebdavServer
 
 
@@ -143,3 +147,52 @@ def test_mismatched_copy_at_a_webdav_target_is_removed(
     assert not info.value.retriable
     assert door_b.files() == {}
     assert door_b.faults.requests["DELETE"] >= 1
+
+
+def test_download_streams_and_has_copy_checks(webdav: WebdavServer, token_file, tmp_path):
+    """GET in blocks (never the whole file in memory); HEAD-based identical-copy check."""
+    data = os.urandom(24 << 20)
+    (webdav.root / "r0001").mkdir(parents=True)
+    (webdav.root / RELPATH).write_bytes(data)
+    dest = open_destination(webdav.url, fast(token_file))
+    assert isinstance(dest, WebdavDestination)
+    out = tmp_path / "copy.h5"
+    tracemalloc.start()
+    try:
+        with open(out, "wb") as f:
+            nbytes, ours, theirs = dest.download(f"{webdav.url}/{RELPATH}", f)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 1e6:.1f} MB for a 25 MB file"
+    assert (nbytes, ours, theirs) == (len(data), adler(data), adler(data))
+    assert out.read_bytes() == data
+    assert dest.has_copy(RELPATH, len(data), adler(data))
+    assert not dest.has_copy(RELPATH, len(data) + 1, adler(data))
+    assert not dest.has_copy(RELPATH, len(data), "00000001")
+    assert not dest.has_copy("r0001/CORR-R0001-JNGFR01-S00001.h5", len(data), adler(data))
+    webdav.faults.no_digest = True  # a door without digests: the file is read back
+    assert dest.has_copy(RELPATH, len(data), adler(data))
+    with pytest.raises(StoreError, match="404"):
+        dest.download(f"{webdav.url}/r0001/missing.h5", io.BytesIO())
+    dest.remove(RELPATH)
+    assert webdav.files() == {}
+
+
+def test_ship_webdav_settings_from_the_config(tmp_path):
+    from calstream.config import load_config
+
+    toml = tmp_path / "ship.toml"
+    toml.write_text(
+        '[output]\ndestination = "davs://a.example:2880/pnfs/a"\ntoken_file = "/a/token"\n'
+        'ca_bundle = "/a/ca"\nstore_timeout = 7.0\n'
+        '[ship]\ndestination = "davs://b.example:2880/pnfs/b"\ntoken_file = "/b/token"\n'
+        'store_deadline = 30.0\nupload_rename = false\n'
+    )
+    config = load_config(toml)
+    target = config.ship.webdav_settings()
+    assert (target.token_file, target.deadline, target.rename) == ("/b/token", 30.0, False)
+    source = config.ship.source_webdav_settings(config.output)
+    assert (source.token_file, source.ca_bundle, source.timeout) == ("/a/token", "/a/ca", 7.0)
+    config = load_config(toml, ["ship.source_token_file=/c/token"])
+    assert config.ship.source_webdav_settings(config.output).token_file == "/c/token"
