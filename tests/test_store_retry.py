@@ -39,6 +39,12 @@ def test_retry_queue_backoff_recovery_and_final():
     assert q.take_final() == ("C", 1) and q.drain() == []
     q.failed("d", "D", 3)
     assert q.drain() == [("D", 3)] and len(q) == 0
+    q.failed("e", "E", 1, transient=False)  # refused outright: waits for its interval
+    clock.now += 1
+    q.stored()
+    assert q.take_due() is None
+    clock.now += 10
+    assert q.take_due() == ("E", 1)
 
 
 def test_door_down_at_start_then_up_mid_run_stores_everything(

@@ -881,7 +881,8 @@ class Pipeline:
             if final or not interval:
                 self._unstored(info, attempts, str(exc))
             else:
-                self._retries.failed(info.relpath, (info, str(exc)), attempts)
+                self._retries.failed(info.relpath, (info, str(exc)), attempts,
+                                     transient=exc.retriable)
                 log.error(
                     "%s: %s not stored (attempt %d), trying again in %.0f s "
                     "(output.retry_unstored); it stays in the spool until then: %s",

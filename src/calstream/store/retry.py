@@ -2,9 +2,9 @@
 
 The storers put a file here when storing it failed, and take it back once its back-off has
 passed (``output.retry_unstored`` seconds) or as soon as the destination takes another file
-(it is back: no need to wait). At the end of a run each file gets one last attempt, but only
-when the destination took a file after that one failed; the rest stay in the spool for the
-next start, as before.
+(it is back: no need to wait; not for a file it refused outright, e.g. with 403). At the end of
+a run each file gets one last attempt, but only when the destination took a file after that one
+failed; the rest stay in the spool for the next start, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class _Waiting(Generic[T]):
     due: float
     failed_at: float
     attempts: int
+    transient: bool
 
 
 class RetryQueue(Generic[T]):
@@ -50,20 +51,26 @@ class RetryQueue(Generic[T]):
         with self._lock:
             return len(self._waiting)
 
-    def failed(self, key: str, item: T, attempts: int) -> float:
-        """Record a failed attempt (the ``attempts``-th); returns when it is due again."""
+    def failed(self, key: str, item: T, attempts: int, *, transient: bool = True) -> float:
+        """Record a failed attempt (the ``attempts``-th); returns when it is due again.
+
+        ``transient``: the failure was the destination's trouble (down, 5xx, too slow), so
+        that :meth:`stored` makes the item due at once; a refusal (401/403, a different file
+        there) waits for its interval.
+        """
         now = self._clock()
         with self._lock:
-            self._waiting[key] = _Waiting(item, now + self.interval, now, attempts)
+            self._waiting[key] = _Waiting(item, now + self.interval, now, attempts, transient)
         return now + self.interval
 
     def stored(self) -> None:
-        """The destination took a file: everything that failed before is due now."""
+        """The destination took a file: what failed before for its trouble is due now."""
         now = self._clock()
         with self._lock:
             self._last_ok = now
             for waiting in self._waiting.values():
-                waiting.due = min(waiting.due, now)
+                if waiting.transient:
+                    waiting.due = min(waiting.due, now)
 
     def take_due(self) -> tuple[T, int] | None:
         """The longest-waiting due item and its attempts so far (removed), or None."""
