@@ -49,12 +49,18 @@ def test_pipeline_door_kafka_ship_door(make_config, constants_1cell, webdav, doo
     """pipeline -> door A -> Kafka -> ship -> door B (and -> a directory): verified copies."""
     caplog.set_level(logging.INFO)
     config = to_door_a(make_config, constants_1cell, webdav, token_file, simulate__trains=3,
-                       output__trains_per_file=1, **kafka_overrides(kafka_bootstrap, topic))
+                       output__trains_per_file=1, output__uploads=1,  # events in file order
+                       **kafka_overrides(kafka_bootstrap, topic))
     summary = Pipeline(config).run()
     assert summary.files == 3 and summary.events_published == 3
     originals = h5_files(webdav)
     assert len(originals) == 3
 
+    # a shipper killed while copying the first file left its hidden partial copy at door B
+    stale = door_b.root / "r0001"
+    stale.mkdir()
+    (stale / ".CORR-R0001-JNGFR01-S00000.h5.part-0123abcd").write_bytes(b"partial")
+    (stale / ".CORR-R0001-JNGFR01-S00099.h5.part-0123abcd").write_bytes(b"not ours")
     kafka = KafkaConfig(bootstrap_servers=(kafka_bootstrap,), topic=topic)
     source = WebdavSettings(token_file=str(token_file))
     to_door = Shipper(kafka, ShipConfig(destination=door_b.url, token_file=str(token_file),
@@ -77,7 +83,9 @@ def test_pipeline_door_kafka_ship_door(make_config, constants_1cell, webdav, doo
         summary = shipper.summary
         assert (summary.copied, summary.skipped, summary.ignored) == (3, 0, 0)
     assert webdav.faults.requests["GET"] - gets == 6  # read from door A, one GET per copy
-    assert door_b.files() == originals  # same names, same bytes, no hidden leftovers
+    # same names, same bytes; the partial copy of the first file is gone, not another's
+    assert door_b.files() == {**originals,
+                              "r0001/.CORR-R0001-JNGFR01-S00099.h5.part-0123abcd": b"not ours"}
     assert not list((tmp_path / "staging").iterdir())
     copies = {str(p.relative_to(remote)): p.read_bytes()
               for p in remote.rglob("*.h5") if ".calstream-staging" not in p.parts}

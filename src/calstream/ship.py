@@ -39,7 +39,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from calstream.config import KafkaConfig, ShipConfig
-from calstream.errors import ChecksumMismatch, ConfigError, EventError, StoreError
+from calstream.errors import (
+    CalstreamError,
+    ChecksumMismatch,
+    ConfigError,
+    EventError,
+    StoreError,
+)
 from calstream.events.kafka import client_kwargs, translate_kafka_error
 from calstream.store import (
     FileDestination,
@@ -169,10 +175,12 @@ class Shipper:
         )
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
+        resumed: set[TopicPartition] = set()  # partitions whose first event was looked at
         try:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200)
                 self.assignment = frozenset(consumer.assignment())
+                resumed &= self.assignment  # one lost and regained is resumed again
                 if not batches:
                     if cfg.idle_timeout and loop.time() - quiet_since > cfg.idle_timeout:
                         log.info("%s: no events for %.1f s, stopping", self.name, cfg.idle_timeout)
@@ -181,6 +189,11 @@ class Shipper:
                 quiet_since = loop.time()
                 for tp, records in batches.items():
                     for msg in records:
+                        if tp not in resumed:
+                            # the first event after a start or a rebalance may be one whose
+                            # copy an earlier shipper was killed in the middle of
+                            resumed.add(tp)
+                            await asyncio.to_thread(self._remove_stale_parts, msg.value)
                         await self._ship_with_retries(msg.value, msg.partition, msg.offset)
                         try:
                             await consumer.commit({tp: msg.offset + 1})
@@ -247,6 +260,21 @@ class Shipper:
         self.summary.bytes += stored.size
         log.info("%s: shipped %s (%.1f MB, adler32 %s)", self.name, stored.url,
                  stored.size / 1e6, stored.adler32)
+
+    def _remove_stale_parts(self, value: bytes) -> None:
+        """Delete the hidden partial copies of this event's file at the destination."""
+        try:
+            event = _parse(value)
+            if event is None:
+                return
+            folder, _, name = event[1].rpartition("/")
+            removed = self.destination.remove_stale_parts(folder, lambda n: n == name)
+        except CalstreamError as exc:  # shipping this event will say what is wrong
+            log.debug("%s: no look for partial copies: %s", self.name, exc)
+            return
+        if removed:
+            log.warning("%s: removed partial copies an earlier shipper left: %s",
+                        self.name, ", ".join(removed))
 
     def _fetch(self, url: str, relpath: str, size: int, adler32: str) -> Path:
         """Stream ``url`` into a staging file, verified against the event; returns its path."""
