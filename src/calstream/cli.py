@@ -459,7 +459,8 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     from .ship import Shipper
 
     config = load_config(args.config, args.set)
-    shipper = Shipper(config.events.kafka, config.ship)
+    shipper = Shipper(config.events.kafka, config.ship,
+                      source=config.ship.source_webdav_settings(config.output))
     _install_signal_handlers(shipper.stop)
     summary = shipper.run()
     print(summary.format())

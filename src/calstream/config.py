@@ -207,6 +207,7 @@ class OutputConfig:
     store_timeout: float = 60.0
     store_deadline: float = 600.0
     upload_rename: bool = True
+    retry_unstored: float = 60.0
     retention: Literal["delete", "keep"] = "delete"
     spool_limit: int | str = 0
     overflow: Literal["block", "stop"] = "block"
@@ -282,6 +283,8 @@ class OutputConfig:
         _require(self.uploads >= 1, "uploads", f"must be >= 1. Got {self.uploads}.")
         _require(self.store_timeout > 0, "store_timeout", "must be > 0 seconds")
         _require(self.store_deadline > 0, "store_deadline", "must be > 0 seconds")
+        _require(self.retry_unstored >= 0, "retry_unstored",
+                 "must be >= 0 seconds (0: retry only at the next start)")
         if self.token_file and "://" in self.destination:
             _require(
                 not self.destination.lower().startswith("file:"),
@@ -422,6 +425,38 @@ class ShipConfig:
     retries: int = 5
     retry_interval: float = 2.0
     idle_timeout: float = 0.0
+    # the second site, when it is a WebDAV door (as output's keys of the same names)
+    token_file: str = ""
+    ca_bundle: str = ""
+    verify_tls: bool = True
+    store_timeout: float = 60.0
+    store_deadline: float = 600.0
+    upload_rename: bool = True
+    # reading from the first site's WebDAV door; empty: output.token_file, output.ca_bundle
+    source_token_file: str = ""
+    source_ca_bundle: str = ""
+    staging: str = ""
+
+    def webdav_settings(self) -> Any:
+        """Token, TLS and retry settings for a WebDAV second site."""
+        from .store import WebdavSettings
+
+        return WebdavSettings(
+            token_file=self.token_file, ca_bundle=self.ca_bundle, verify_tls=self.verify_tls,
+            timeout=self.store_timeout, deadline=self.store_deadline, rename=self.upload_rename,
+        )
+
+    def source_webdav_settings(self, output: OutputConfig) -> Any:
+        """Settings for reading files from the first site's door (``[output]``'s by default)."""
+        from .store import WebdavSettings
+
+        return WebdavSettings(
+            token_file=self.source_token_file or output.token_file,
+            ca_bundle=self.source_ca_bundle or output.ca_bundle,
+            verify_tls=output.verify_tls,
+            timeout=output.store_timeout,
+            deadline=self.store_deadline,
+        )
 
     def check(self) -> None:
         _require(
@@ -433,6 +468,8 @@ class ShipConfig:
         _require(self.retries >= 0, "retries", f"must be >= 0. Got {self.retries}.")
         _require(self.retry_interval > 0, "retry_interval", "must be > 0 s")
         _require(self.idle_timeout >= 0, "idle_timeout", "must be >= 0 (0 waits forever)")
+        _require(self.store_timeout > 0, "store_timeout", "must be > 0 seconds")
+        _require(self.store_deadline > 0, "store_deadline", "must be > 0 seconds")
 
 
 @dataclass(frozen=True)

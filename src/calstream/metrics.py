@@ -151,6 +151,9 @@ _COUNTERS: dict[str, tuple[str, str]] = {
     "bytes_uncompressed": ("calstream_bytes_corrected", "Corrected bytes before compression"),
     "files_stored": ("calstream_files_stored", "Files stored at the destination"),
     "files_unstored": ("calstream_files_unstored", "Files left in the spool"),
+    "store_failures": ("calstream_store_failures",
+                       "Attempts to store a file that failed (each retried or left in the spool)"),
+    "store_retries": ("calstream_store_retries", "Files tried again after a refusal"),
     "events": ("calstream_events_recorded", "Storage events recorded in the outbox"),
     "preview_sent": ("calstream_preview_trains", "Corrected trains re-published for viewers"),
 }

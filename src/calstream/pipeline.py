@@ -56,7 +56,8 @@ from .store import (
     read_file_info,
 )
 from .store.bitround import bitround
-from .store.spool import SpoolLimit
+from .store.retry import RetryQueue
+from .store.spool import SpoolLimit, parse_corr_filename
 
 __all__ = ["Pipeline"]
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 _ROLES = ("data", "gain", "mask")  # the corrector's outputs, in the file layout's image order
 _STOP = object()
+#: How long an idle storer waits for a new file before it looks at the files to retry.
+_RETRY_POLL = 0.2
 _SENDER_PATTERN = {"pull": "push", "sub": "pub", "req": "rep"}
 
 
@@ -324,6 +327,10 @@ class Pipeline:
         if self.publisher is not None:
             self.publisher.start()  # returns at once; events wait in the outbox for the broker
         # Several storers: uploads to a WebDAV door overlap (each waits on the network).
+        self._retries: RetryQueue[tuple[FileInfo, str]] = RetryQueue(cfg.output.retry_unstored)
+        self._storers_left = cfg.output.uploads
+        self._storers_lock = threading.Lock()
+        self._remove_stale_parts()
         for i in range(cfg.output.uploads):
             self._spawn(f"storer-{i}", self._store_loop, file_q)
         self._spawn("writer", self._write_loop, result_q, file_q, cfg.pipeline.workers)
@@ -907,24 +914,57 @@ class Pipeline:
 
     def _store_loop(self, file_q: queue.Queue[Any]) -> None:
         # Not _get(): even after a failure, the files the writer closed are still stored.
+        # New files first; a refused file whose back-off has passed after each new file, or
+        # while no new file comes.
         while True:
-            info = file_q.get()
+            try:
+                info = file_q.get(timeout=_RETRY_POLL)
+            except queue.Empty:
+                info = None
             if info is _STOP:
                 file_q.put(_STOP)  # for the other storers
-                return
-            self._store_one(info)
+                break
+            if info is not None:
+                self._store_one(info)
+            if (due := self._retries.take_due()) is not None:
+                (info, _), attempts = due
+                self._store_one(info, attempts)
+        # The end: a last try for files refused before the destination took one again.
+        while (final := self._retries.take_final()) is not None:
+            (info, _), attempts = final
+            self._store_one(info, attempts, final=True)
+        with self._storers_lock:
+            self._storers_left -= 1
+            last = self._storers_left == 0
+        if last:
+            for (info, error), attempts in self._retries.drain():
+                self._unstored(info, attempts, error)
 
-    def _store_one(self, info: FileInfo) -> None:
+    def _store_one(self, info: FileInfo, attempts: int = 0, *, final: bool = False) -> None:
+        """Store one file; ``attempts``: how often storing it failed before."""
         t0 = time.perf_counter()
+        if attempts:
+            self.stats.add("store_retries")
         try:
             stored = self.destination.store(info.path, info.relpath)
         except CalstreamError as exc:
-            self.stats.add("files_unstored")
-            log.error(
-                "%s: %s not stored, kept in the spool for the next start: %s",
-                self.name, info.relpath, exc,
-            )
+            attempts += 1
+            self.stats.add("store_failures")
+            interval = self.config.output.retry_unstored
+            if final or not interval:
+                self._unstored(info, attempts, str(exc))
+            else:
+                self._retries.failed(info.relpath, (info, str(exc)), attempts,
+                                     transient=exc.retriable)
+                log.error(
+                    "%s: %s not stored (attempt %d), trying again in %.0f s "
+                    "(output.retry_unstored); it stays in the spool until then: %s",
+                    self.name, info.relpath, attempts, interval, exc,
+                )
             return
+        self._retries.stored()
+        if attempts:
+            log.warning("%s: %s stored at attempt %d", self.name, info.relpath, attempts + 1)
         self.stats.add("seconds_store", time.perf_counter() - t0)
         self.stats.observe("stage_seconds", time.perf_counter() - t0, stage="store")
         self.stats.add("files_stored")
@@ -943,6 +983,39 @@ class Pipeline:
             "%s: stored %s (%d trains, %.1f MB, adler32 %s)",
             self.name, stored.url, info.trains, stored.size / 1e6, stored.adler32,
         )
+
+    def _unstored(self, info: FileInfo, attempts: int, error: str) -> None:
+        self.stats.add("files_unstored")
+        log.error(
+            "%s: %s not stored after %d attempt(s), kept in the spool for the next start: %s",
+            self.name, info.relpath, attempts, error,
+        )
+
+    def _remove_stale_parts(self) -> None:
+        """Delete hidden partial uploads an earlier run of this spool left in its run folder.
+
+        Only names this process writes (its run, aggregator and modules) are touched: other
+        processes writing the same run use other aggregators (see *Several nodes*).
+        """
+        remove = getattr(self.destination, "remove_stale_parts", None)
+        if remove is None:
+            return
+        out = self.config.output
+        modules = set(self.config.source.modules)
+
+        def owned(name: str) -> bool:
+            parsed = parse_corr_filename(name)
+            return parsed is not None and parsed[:2] == (out.run, out.aggregator) and (
+                parsed[2] in modules)
+
+        try:
+            removed = remove(f"r{out.run:04d}", owned)
+        except CalstreamError as exc:  # the door may be down: the uploads will say so
+            log.warning("%s: cannot look for stale partial uploads: %s", self.name, exc)
+            return
+        if removed:
+            log.warning("%s: removed %d partial upload(s) an earlier run left at %s: %s",
+                        self.name, len(removed), self.destination.url, ", ".join(removed))
 
     def _stop_publisher(self, publisher: KafkaPublisher) -> None:
         """Give the relay ``flush_timeout`` s to publish what is pending, then stop it."""
@@ -981,6 +1054,7 @@ class Pipeline:
             "queue_capacity": {"parts": q["parts"].maxsize, "work": q["work"].maxsize,
                                "results": self._slabs.count},
             "files_pending": q["files"].qsize(),
+            "files_awaiting_retry": len(getattr(self, "_retries", ())),
             "events_pending": events_pending,
             "compression_ratio": s.get("bytes_uncompressed", 0) / out if out else 0.0,
         }

@@ -6,15 +6,18 @@ thread, so the pipeline's threads never wait for a broker::
 
     pipeline thread                     publisher thread (asyncio)
     outbox.add(event) ── wake() ──►     pending = outbox.pending(batch_events)   # oldest first
-                                        futures = [producer.send(...) for each]  # acks=all
+                                        one record batch per partition:
+                                        futures = [producer.send_batch(...)]     # acks=all
                                         outbox.mark_sent(acknowledged ids)
 
 An event is marked ``sent`` only after the broker acknowledged it. A failed send leaves it
 ``pending`` in its place and the relay starts again from the oldest pending event after
 ``retry_interval``: the events wait, in order, however long the broker is away, with a warning
-every ``warn_every`` seconds that gives the backlog. Idempotence (``idempotence = "auto"``) is
-asked for and dropped with one warning when the broker refuses it (tansu does): then a batch
-retried inside aiokafka may arrive twice, which consumers de-duplicate by ``ce_id``.
+every ``warn_every`` seconds that gives the backlog. A partition has at most one record batch in
+flight, stored or refused as a whole, so no failure lets its later events overtake earlier
+ones. Idempotence (``idempotence = "auto"``) is asked for and dropped with one warning when the
+broker refuses it (tansu does): then a batch retried inside aiokafka may arrive twice, which
+consumers de-duplicate by ``ce_id``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from calstream.config import KafkaConfig
 from calstream.errors import EventError, PublishError
@@ -47,6 +51,8 @@ T = TypeVar("T")
 POLL_INTERVAL = 1.0
 #: How long stopping waits for aiokafka to close its connections.
 CLOSE_TIMEOUT = 5.0
+#: The producer's own choice of partition for a key (murmur2), so a file keeps its partition.
+_PARTITIONER = DefaultPartitioner()
 
 
 class _QuietReconnects(logging.Filter):
@@ -357,34 +363,62 @@ class KafkaPublisher:
         )
 
     async def _publish(self, batch: list[OutboxEntry]) -> None:
-        """Send a batch, wait for all acks, mark the acked ones sent; PublishError if any failed."""
+        """Send a batch, wait for all acks, mark the acked ones sent; PublishError if any failed.
+
+        One record batch per partition, holding that partition's oldest pending events in
+        outbox order (as many as ``max_batch_bytes`` takes; the rest wait for the next round).
+        A partition's record batch is stored or refused as a whole, and its next events are
+        only sent after it was acknowledged, so a failure can never let later events of a
+        partition overtake earlier ones, with or without idempotence.
+        """
         producer = self._producer
         if producer is None:
             raise PublishError("no producer", key=self.config.topic)
         topic = self.config.topic
 
-        async def send_all() -> list[Any]:
-            futures = []
+        async def send_all() -> tuple[list[list[OutboxEntry]], list[Any]]:
             try:
-                for entry in batch:
+                partitions = sorted(await producer.partitions_for(topic))
+            except (KafkaError, OSError) as exc:
+                return [], [exc]
+            builders: dict[int, Any] = {}
+            members: dict[int, list[OutboxEntry]] = {}
+            full: set[int] = set()
+            for entry in batch:
+                key = entry.key_bytes()
+                partition = _PARTITIONER(key, partitions, partitions)
+                if partition in full:
+                    continue
+                builder = builders.get(partition)
+                if builder is None:
+                    builder = builders[partition] = producer.create_batch()
+                if builder.append(key=key, value=entry.value, timestamp=None,
+                                  headers=list(entry.headers)) is None:
+                    full.add(partition)  # the rest of this partition waits for the next round
+                    continue
+                members.setdefault(partition, []).append(entry)
+            futures = []
+            groups = []
+            try:
+                for partition, entries in members.items():
+                    builders[partition].close()
                     futures.append(
-                        await producer.send(
-                            topic, entry.value, key=entry.key_bytes(), headers=list(entry.headers)
-                        )
+                        await producer.send_batch(builders[partition], topic, partition=partition)
                     )
+                    groups.append(entries)
             except (KafkaError, OSError) as exc:
                 done = await asyncio.gather(*futures, return_exceptions=True)
-                return [*done, exc]
-            return await asyncio.gather(*futures, return_exceptions=True)
+                return groups, [*done, exc]
+            return groups, await asyncio.gather(*futures, return_exceptions=True)
 
-        results = await self._unless_stopped(send_all())
-        acked = [e.event_id for e, r in zip(batch, results, strict=False)
-                 if not isinstance(r, BaseException)]
+        groups, results = await self._unless_stopped(send_all())
+        acked = [entry.event_id for entries, result in zip(groups, results, strict=False)
+                 if not isinstance(result, BaseException) for entry in entries]
         if acked:
             self._published += self._outbox.mark_sent(acked)
-        if len(acked) < len(batch):
-            exc = next((r for r in results if isinstance(r, BaseException)), None)
-            raise translate_kafka_error(exc or KafkaError(), self.config, "publishing") from exc
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise translate_kafka_error(failure, self.config, "publishing") from failure
         if self._down_since is not None:
             log.warning(
                 "%s: Kafka is back after %.0f s; publishing the waiting events in order",

@@ -14,13 +14,14 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 
 from calstream.errors import ConfigError, StoreError
 from calstream.store.checksum import BLOCKSIZE, Adler32, adler32_file
 from calstream.store.records import StoredFile
-from calstream.store.webdav import WebdavDestination, WebdavSettings
+from calstream.store.webdav import PART_RE, WebdavDestination, WebdavSettings
 
 __all__ = ["Destination", "FileDestination", "open_destination"]
 
@@ -133,6 +134,53 @@ class FileDestination:
         ):
             raise StoreError(f"relative path {relpath!r} is not allowed below {self.root}")
         return self.root.joinpath(*rel.parts)
+
+    def has_copy(self, relpath: str, size: int, adler32: str) -> bool:
+        """Whether ``root/relpath`` is a regular file with this size and Adler-32."""
+        path = self.target(relpath)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot look at {path}: {exc.strerror}") from exc
+        return (stat.S_ISREG(st.st_mode) and st.st_size == size
+                and adler32_file(path) == adler32.lower())
+
+    def remove(self, relpath: str) -> None:
+        """Delete ``root/relpath`` (a missing file is fine)."""
+        path = self.target(relpath)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot delete %s: %s", path, exc.strerror)
+
+    def remove_stale_parts(self, directory: str, owned: Callable[[str], bool]) -> list[str]:
+        """Delete hidden ``.NAME.part-XXXXXXXX`` copies in ``directory`` whose NAME is ``owned``.
+
+        Returns the names removed; a missing directory has none.
+        """
+        folder = self.root / directory.strip("/") if directory.strip("/") else self.root
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"cannot list {folder}: {exc.strerror}") from exc
+        removed = []
+        for entry in entries:
+            m = PART_RE.fullmatch(entry.name)
+            if m is None or not owned(m["name"]) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot delete stale copy %s: %s", entry.path, exc.strerror)
+                continue
+            removed.append(entry.name)
+        return removed
 
     def store(self, path: Path, relpath: str) -> StoredFile:
         """Make ``path`` available as ``root/relpath``; returns where it is and its checksum.

@@ -25,16 +25,18 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from xml.etree import ElementTree
 
 import httpx
 
@@ -219,6 +221,96 @@ class WebdavDestination:
             raise StoreError(f"relative path {relpath!r} is not allowed below {self.base}")
         return f"{self.base}/{quote(relpath)}"
 
+    def has_copy(self, relpath: str, size: int, adler32: str) -> bool:
+        """Whether ``relpath`` is there with this size and Adler-32 (``HEAD``, ``Want-Digest``).
+
+        A door without digests has the file read back, but only when the size matches.
+        """
+        url = self.target(relpath)
+        deadline = time.monotonic() + self.settings.deadline
+        response = self._request("HEAD", url, deadline, headers=self._head_headers())
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise _http_error("HEAD", url, response, self.settings.token_file)
+        if _content_length(response) != size:
+            return False
+        theirs = _adler32_of(response) or self._download_adler32(url, deadline)
+        return theirs == adler32.lower()
+
+    def remove(self, relpath: str) -> None:
+        """Delete ``relpath`` at the door (best effort, logged; a missing file is fine)."""
+        url = self.target(relpath)
+        self._delete(url, time.monotonic() + self.settings.timeout, missing_ok=True)
+
+    def download(self, url: str, out: BinaryIO) -> tuple[int, str, str | None]:
+        """``GET`` a file below this URL into ``out``, block by block (never all in memory).
+
+        Returns (bytes, Adler-32 of what arrived, the Adler-32 the door reports or None).
+
+        Raises
+        ------
+        StoreError
+            The door refused it (401/403 and 404 not retriable), or the transfer broke.
+        """
+        if not url.startswith(self.base + "/"):
+            raise StoreError(f"{url} is not below {self.base}", retriable=False)
+        checksum = Adler32()
+        deadline = time.monotonic() + self.settings.deadline
+        try:
+            with self._client().stream(
+                "GET", url, headers=self._head_headers(), timeout=self._timeout(deadline)
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    err = _http_error("GET", url, response, self.settings.token_file)
+                    if response.status_code == 404:
+                        err.retriable = False
+                    raise err
+                theirs = _adler32_of(response)
+                for block in response.iter_bytes(UPLOAD_BLOCK):
+                    checksum.update(block)
+                    out.write(block)
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"GET {url}: {_DEADLINE}")
+        except httpx.HTTPError as exc:
+            raise _transport_error("GET", url, exc) from exc
+        return checksum.nbytes, checksum.hexdigest(), theirs
+
+    def remove_stale_parts(self, directory: str, owned: Callable[[str], bool]) -> list[str]:
+        """Delete hidden ``.NAME.part-XXXXXXXX`` uploads in ``directory`` whose NAME is ``owned``.
+
+        Returns the names removed. A missing directory has none; a listing the door refuses
+        is a StoreError.
+        """
+        col = f"{self.base}/{quote(directory.strip('/'))}/" if directory.strip("/") else (
+            f"{self.base}/")
+        deadline = time.monotonic() + self.settings.timeout
+        response = self._request(
+            "PROPFIND", col, deadline,
+            headers={**self._token.header(), "Depth": "1",
+                     "Content-Type": "application/xml; charset=utf-8"},
+            content=_PROPFIND,
+        )
+        if response.status_code == 404:
+            return []
+        if response.status_code != 207:
+            raise _http_error("PROPFIND", col, response, self.settings.token_file)
+        removed = []
+        for name in _propfind_names(response.content):
+            m = PART_RE.fullmatch(name)
+            if m is None or not owned(m["name"]):
+                continue
+            response = self._request(
+                "DELETE", col + quote(name), deadline, headers=self._token.header()
+            )
+            if response.status_code in (200, 204, 404):
+                removed.append(name)
+            else:
+                log.warning("cannot delete stale upload %s%s: HTTP %d", col, name,
+                            response.status_code)
+        return removed
+
     def store(self, path: Path, relpath: str) -> StoredFile:
         """Upload ``path`` as ``relpath``; returns the stored file with its verified Adler-32.
 
@@ -289,7 +381,14 @@ class WebdavDestination:
         # under the real name, whatever the server does with it.
         parent, name = url.rsplit("/", 1)
         temp = f"{parent}/.{name}.part-{secrets.token_hex(4)}"
-        adler32, size = self._put(path, temp, deadline)
+        try:
+            adler32, size = self._put(path, temp, deadline)
+        except StoreError as exc:
+            # a PUT that broke off may have left part of the file under the hidden name (a
+            # wrong digest already deleted it; nothing was sent if we could not connect)
+            if not isinstance(exc, ChecksumMismatch) and not getattr(exc, "unsent", False):
+                self._delete(temp, deadline, missing_ok=True)
+            raise
         moved = False
         try:
             response = self._request(
@@ -542,4 +641,26 @@ def _transport_error(method: str, url: str, exc: httpx.HTTPError) -> StoreError:
                 retriable=False,
             )
         cause = cause.__cause__ or cause.__context__
-    return StoreError(f"{method} {url} {kind}: {detail}")
+    err = StoreError(f"{method} {url} {kind}: {detail}")
+    err.unsent = isinstance(exc, httpx.ConnectError)  # type: ignore[attr-defined]
+    return err
+
+
+_PROPFIND = (b'<?xml version="1.0" encoding="utf-8"?>'
+             b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>')
+#: The hidden temporary name of an upload (``WebdavSettings.rename``, FileDestination's copy).
+PART_RE = re.compile(r"\.(?P<name>.+)\.part-[0-9a-f]{8}")
+
+
+def _propfind_names(body: bytes) -> list[str]:
+    """The member names (last path segment) in a PROPFIND multistatus answer."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise StoreError(f"PROPFIND answer is not XML: {exc}") from exc
+    names = []
+    for href in root.iter("{DAV:}href"):
+        name = unquote(urlsplit((href.text or "").strip()).path.rstrip("/").rsplit("/", 1)[-1])
+        if name:
+            names.append(name)
+    return names
