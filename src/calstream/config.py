@@ -194,8 +194,10 @@ class OutputConfig:
     compression: Mapping[str, str] = field(
         default_factory=lambda: {
             "adc": "bitshuffle-lz4",
-            "gain": "bitshuffle-lz4",
-            "mask": "bitshuffle-lz4",
+            # gain and mask are mostly zeros: plain LZ4 packs them tighter than bitshuffle
+            # and 3-4x faster (measured on a corrected JUNGFRAU train; README *Codecs*)
+            "gain": "lz4",
+            "mask": "lz4",
         }
     )
     bytes_per_file: int | str = 0

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .calibrate import load_constants, make_corrector, synth_constants
-from .config import Config
+from .config import Config, OutputConfig
 from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import (
@@ -184,8 +184,12 @@ class Pipeline:
         )
         self.layout = layout_for(self.spec.exdf_layout, self.output_dtypes["data"])
         # Codecs by output role ("adc" is JUNGFRAU's name for the data), then by file dataset.
-        specs = {("data" if key == "adc" else key): text for key, text in out.compression.items()}
-        self.codecs = {role: parse_codec(specs.get(role, "bitshuffle-lz4")) for role in _ROLES}
+        # A role the config leaves out gets its default codec.
+        specs = {
+            ("data" if key == "adc" else key): text
+            for key, text in {**OutputConfig().compression, **out.compression}.items()
+        }
+        self.codecs = {role: parse_codec(specs[role]) for role in _ROLES}
         self.file_codecs = {
             name: self.codecs[role]
             for role, name in zip(_ROLES, self.layout.image_names, strict=True)

@@ -1,6 +1,6 @@
 """The bench's sender: a separate process that streams pre-generated trains on command.
 
-Started by :class:`SenderProcess` (``python -m calstream.benchmark.sender``); it generates the
+Started by :class:`SenderProcess` (:func:`main` in a child Python); it generates the
 simulated trains once (:class:`~calstream.ingest.JungfrauSimulation`, around the pipeline's own
 constants), binds a PUSH socket, prints ``ready`` and then runs one step per line on stdin
 (``RATE TRAINS``: send TRAINS trains paced at RATE trains/s with
@@ -64,7 +64,9 @@ class SenderProcess:
         self.endpoint = endpoint
         self._children_cpu = _children_cpu()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "calstream.benchmark.sender", "--endpoint", endpoint,
+            # Not "-m": the package imports this module, which runpy would then run a second time.
+            [sys.executable, "-c", "from calstream.benchmark.sender import main; main()",
+             "--endpoint", endpoint,
              "--modules", ",".join(map(str, modules)), "--cells", str(cells),
              "--constants", constants, "--detector-id", detector_id,
              "--first-train-id", str(first_train_id)],
@@ -118,7 +120,8 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _main() -> None:
+def main() -> None:
+    """The sender process's command line (run by :class:`SenderProcess`)."""
     parser = argparse.ArgumentParser(prog="python -m calstream.benchmark.sender")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--modules", required=True)
@@ -156,4 +159,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()

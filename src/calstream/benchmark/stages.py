@@ -174,7 +174,7 @@ def measure_stages(data: BenchData, *, workers: int, spool: Path, rounds: int,
         out[f"correct x{threads}"] = _rate("correct", data, _parallel(correct, threads, rounds),
                                            threads, note=f"{backend} backend")
     slabs = [np.empty(_slab_bytes(data), np.uint8) for _ in range(workers)]
-    spec = data.codecs["adc"].spec
+    specs = ", ".join(f"{key} {codec.spec}" for key, codec in data.codecs.items())
 
     def compress(i: int) -> None:
         _encode_train(data, outs[i], slabs[i])
@@ -182,7 +182,7 @@ def measure_stages(data: BenchData, *, workers: int, spool: Path, rounds: int,
     for threads in sorted({1, workers}):
         out[f"compress x{threads}"] = _rate(
             "compress", data, _parallel(compress, threads, rounds), threads,
-            note=f"{spec} of float32 data + gain + mask")
+            note=f"corrected outputs: {specs}")
     chunks = _encode_train(data, outs[0], slabs[0])
     out["write"] = _measure_write(data, chunks, spool, write_trains, trains_per_file)
     return out
