@@ -8,8 +8,8 @@ through steps of fixed rate:
   bisection steps between the last good and the first bad rate. A step is kept up with when
   nothing was dropped (the bench runs with ``pipeline.overflow = "drop-newest"``), the sender
   was never held back by ZeroMQ (it reached 95 % of its rate) and trains were written at 90 %
-  of the offered rate or more over the second half of the step (a growing backlog shows there
-  long before the queues overflow).
+  of the offered rate or more over the second half of the step, give or take one train (a
+  growing backlog shows there long before the queues overflow).
 * :meth:`fixed`: one step at a given rate, keeping every train's latency (first part received
   to chunks written) and busy time per stage, and the CPU time of this process per GB.
 
@@ -231,8 +231,11 @@ class EndToEnd:
                                   result.start + result.seconds)
         if half is None:  # a step too short to see its second half
             half = written / max(after.t - before.t, 1e-9)
+        # One train less in the second half is counting, not falling behind: at low rates a
+        # half-step holds only a few trains.
+        one_train = 2 / result.seconds if result.seconds > 0 else 0.0
         kept_up = (dropped == 0 and result.achieved_hz >= 0.95 * rate_hz
-                   and half >= 0.9 * rate_hz and end.t > before.t)
+                   and half >= 0.9 * rate_hz - one_train and end.t > before.t)
         report = StepReport(
             rate_hz=rate_hz, gbps=rate_hz * self.train_bytes / 1e9, trains=result.trains,
             sent_hz=result.achieved_hz, written_hz=half, dropped=dropped, kept_up=kept_up,
