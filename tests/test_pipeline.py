@@ -14,6 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -401,6 +402,28 @@ def test_simulation_shorter_than_max_trains_ends(make_config, constants_1cell):
     config = make_config(constants_1cell, simulate__enabled=True, simulate__trains=3)
     summary = Pipeline(config).run(max_trains=50)
     assert summary.trains == 3
+
+
+def test_files_read_back_with_only_h5py_and_hdf5plugin(make_config, constants_1cell, tmp_path):
+    """A reader with h5py + hdf5plugin and no calstream gets the values calstream wrote."""
+    config = make_config(constants_1cell, simulate__enabled=True, simulate__trains=2)
+    Pipeline(config).run()
+    (path,) = stored_files(tmp_path / "data")
+    group = "INSTRUMENT/SPB_IRDA_JF4M/CORR/JNGFR01:output/data"
+    script = (
+        "import sys, hashlib, h5py, hdf5plugin\n"
+        "with h5py.File(sys.argv[1], 'r') as f:\n"
+        "    for key in ('adc', 'gain', 'mask'):\n"
+        "        print(key, hashlib.sha1(f[sys.argv[2] + '/' + key][()].tobytes()).hexdigest())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
+    proc = subprocess.run([sys.executable, "-c", script, str(path), group],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(path, "r") as f:
+        expected = {key: hashlib.sha1(f[f"{group}/{key}"][()].tobytes()).hexdigest()
+                    for key in ("adc", "gain", "mask")}
+    assert dict(line.split() for line in proc.stdout.splitlines()) == expected
 
 
 def test_sigterm_drains_stores_and_exits_zero(tmp_path, constants_1cell):
