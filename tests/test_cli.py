@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,36 @@ def test_check_prints_the_resolved_config(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "run = 42" in proc.stdout and "[calibration]" in proc.stdout
+
+
+def test_check_names_a_missing_constants_file(tmp_path):
+    """With synthesize_missing = false, `check` must fail where `run` would: file, key, reason."""
+    config = tmp_path / "real.toml"
+    config.write_text(
+        '[calibration]\nconstants = "cal/jf{module:02d}.h5"\nsynthesize_missing = false\n'
+    )
+    for command in ("check", "run"):
+        proc = subprocess.run(
+            [CALSTREAM, command, str(config)], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln]
+        assert len(lines) == 1, (command, proc.stderr)
+        assert str(config) in lines[0] and "calibration.constants" in lines[0], lines[0]
+        assert "cal/jf01.h5" in lines[0] and "not found" in lines[0], lines[0]
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    """`calstream check | head -1` is common; a closed pipe must not print a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before calstream writes: like head after 1 line
+    try:
+        proc = subprocess.run(
+            [CALSTREAM, "check"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode != 0  # the output did not arrive; say so by the exit code

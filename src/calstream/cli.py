@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`calstream check | head`): no traceback, and no second
+        # BrokenPipeError when the interpreter flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -251,8 +256,10 @@ def _install_signal_handlers(stop: Any, drain_timeout: float | None = None) -> N
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .startup import check_constants_present
 
     config = load_config(args.config, args.set)
+    check_constants_present(config)
     print(f"# {config.path}: valid")
     for section, values in config.to_dict().items():
         print(f"[{section}]")

@@ -45,7 +45,7 @@ from .ingest import (
 from .metrics import MetricsServer, RunSummary, Stats, StatusLine
 from .preview import PreviewPublisher
 from .queues import CLOSED, StageQueue
-from .startup import check_destination_writable, check_spool_space
+from .startup import check_constants_present, check_destination_writable, check_spool_space
 from .store import (
     FileInfo,
     SequenceWriter,
@@ -221,6 +221,7 @@ class Pipeline:
     def _load_constants(self) -> dict[int, Any]:
         cal = self.config.calibration
         detector = self.spec.name
+        check_constants_present(self.config)
         loaded: dict[int, Any] = {}
         by_path: dict[Path, Any] = {}
         for module in self.config.source.modules:

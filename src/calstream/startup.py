@@ -1,7 +1,8 @@
 """Start-up checks: fail fast, with one clear message, before any socket opens.
 
-The constants are checked where they are loaded (shape, cells); here: that the destination
-takes files and that the spool has room for the files being built.
+The constants are checked where they are loaded (shape, cells); here: that they exist when
+they may not be synthesized, that the destination takes files and that the spool has room for
+the files being built.
 """
 
 from __future__ import annotations
@@ -14,7 +15,28 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_destination_writable", "check_spool_space"]
+__all__ = ["check_constants_present", "check_destination_writable", "check_spool_space"]
+
+
+def check_constants_present(config: Any) -> None:
+    """Require every module's constants file when ``calibration.synthesize_missing`` is off.
+
+    Raises
+    ------
+    ConfigError
+        ``calibration.constants`` of the config file, naming the missing file and its module.
+    """
+    cal = config.calibration
+    if cal.synthesize_missing:
+        return
+    for module in config.source.modules:
+        path = cal.constants_path(module)
+        if not path.is_file():
+            raise ConfigError(
+                f"constants file not found: {path} (module {module}; "
+                "calibration.synthesize_missing = false)",
+                source=config.path, key="calibration.constants",
+            )
 
 
 def check_destination_writable(destination: Any) -> None:
