@@ -98,3 +98,26 @@ def test_output_into_a_closed_pipe_is_no_traceback():
         os.close(write_end)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode != 0  # the output did not arrive; say so by the exit code
+
+
+def test_simulator_port_in_use_is_one_line_naming_the_key(tmp_path):
+    """The demo run twice (or beside `calstream simulate`): say which key to change."""
+    import zmq
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    holder = zmq.Context.instance().socket(zmq.PUSH)
+    holder.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        proc = subprocess.run(
+            [CALSTREAM, "run", "--max-trains", "1", "--set", "calibration.cells=1",
+             "--set", f"source.endpoint=tcp://127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+    finally:
+        holder.close(linger=0)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1, proc.stderr
+    assert "source.endpoint" in lines[0] and "Address already in use" in lines[0], lines[0]

@@ -32,7 +32,7 @@ import numpy as np
 
 from .calibrate import load_constants, make_corrector, synth_constants
 from .config import Config, OutputConfig
-from .errors import CalstreamError, ConstantsError, DataError, ProtocolError
+from .errors import CalstreamError, ConfigError, ConstantsError, DataError, ProtocolError
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import (
     AssembledTrain,
@@ -455,9 +455,18 @@ class Pipeline:
             gain_mode=sim_cfg.gain_mode,
             seed=sim_cfg.seed,
         )
-        sender = Sender(
-            cfg.source.endpoint, _SENDER_PATTERN[cfg.source.pattern], bind=not cfg.source.bind
-        )
+        try:
+            sender = Sender(
+                cfg.source.endpoint, _SENDER_PATTERN[cfg.source.pattern],
+                bind=not cfg.source.bind,
+            )
+        except ConfigError as exc:
+            # most often a second demo or a `calstream simulate` holds the port
+            raise ConfigError(
+                f"the in-process simulator (simulate.enabled = true) {exc.message}; stop what "
+                "holds the port or choose another endpoint",
+                source=cfg.path, key="source.endpoint",
+            ) from None
 
         def send() -> None:
             if sender.pattern == "pub":
