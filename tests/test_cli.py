@@ -121,3 +121,18 @@ def test_simulator_port_in_use_is_one_line_naming_the_key(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert len(lines) == 1, proc.stderr
     assert "source.endpoint" in lines[0] and "Address already in use" in lines[0], lines[0]
+
+
+def test_destination_that_cannot_be_created_names_file_and_key(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the destination's parent should be")
+    config = tmp_path / "dest.toml"
+    config.write_text(f'[output]\ndestination = "file://{tmp_path}/blocker/data"\n')
+    proc = subprocess.run(
+        [CALSTREAM, "run", str(config), "--max-trains", "1", "--set", "calibration.cells=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1, proc.stderr
+    assert f"{config}: output.destination: " in lines[0], lines[0]
+    assert "blocker/data" in lines[0], lines[0]

@@ -32,7 +32,14 @@ import numpy as np
 
 from .calibrate import load_constants, make_corrector, synth_constants
 from .config import Config, OutputConfig
-from .errors import CalstreamError, ConfigError, ConstantsError, DataError, ProtocolError
+from .errors import (
+    CalstreamError,
+    ConfigError,
+    ConstantsError,
+    DataError,
+    ProtocolError,
+    StoreError,
+)
 from .events import EventSettings, KafkaPublisher, Outbox, build_storage_event
 from .ingest import (
     AssembledTrain,
@@ -194,8 +201,11 @@ class Pipeline:
             name: self.codecs[role]
             for role, name in zip(_ROLES, self.layout.image_names, strict=True)
         }
-        self.destination = open_destination(out.destination, out.webdav_settings())
-        check_destination_writable(self.destination)
+        try:
+            self.destination = open_destination(out.destination, out.webdav_settings())
+            check_destination_writable(self.destination)
+        except (ConfigError, StoreError) as exc:
+            raise ConfigError(exc.message, source=config.path, key="output.destination") from None
         self.spool = Spool(Path(out.spool), retention=out.retention)
         self.spool_limit = SpoolLimit(self.spool, out.spool_limit_bytes, out.overflow)
         check_spool_space(
