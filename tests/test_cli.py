@@ -136,3 +136,13 @@ def test_destination_that_cannot_be_created_names_file_and_key(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert f"{config}: output.destination: " in lines[0], lines[0]
     assert "blocker/data" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("url", ["/data/proc", "ftp://host/data"])
+def test_check_refuses_a_destination_run_would_refuse(tmp_path, url):
+    proc = subprocess.run(
+        [CALSTREAM, "check", "--set", f"output.destination={url}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.count("\n") == 1 and "output.destination" in proc.stderr, proc.stderr

@@ -257,9 +257,14 @@ def _install_signal_handlers(stop: Any, drain_timeout: float | None = None) -> N
 def _cmd_check(args: argparse.Namespace) -> int:
     from .config import load_config
     from .startup import check_constants_present
+    from .store.destinations import check_destination_url
 
     config = load_config(args.config, args.set)
     check_constants_present(config)
+    try:
+        check_destination_url(config.output.destination)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source=config.path, key=exc.key) from None
     print(f"# {config.path}: valid")
     for section, values in config.to_dict().items():
         print(f"[{section}]")

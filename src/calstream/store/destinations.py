@@ -23,7 +23,7 @@ from calstream.store.checksum import BLOCKSIZE, Adler32, adler32_file
 from calstream.store.records import StoredFile
 from calstream.store.webdav import PART_RE, WebdavDestination, WebdavSettings
 
-__all__ = ["Destination", "FileDestination", "open_destination"]
+__all__ = ["Destination", "FileDestination", "check_destination_url", "open_destination"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,22 @@ def open_destination(url: str, webdav: WebdavSettings | None = None) -> Destinat
     ConfigError
         Any other scheme, or no scheme at all.
     """
+    scheme, rest = check_destination_url(url)
+    if scheme == "file":
+        return FileDestination(Path(rest).absolute())
+    return WebdavDestination(url, webdav)
+
+
+def check_destination_url(url: str) -> tuple[str, str]:
+    """Split a destination URL into its scheme and the rest, or say what is wrong with it.
+
+    Touches nothing (``calstream check`` uses it); ``file://localhost/x`` gives ``/x``.
+
+    Raises
+    ------
+    ConfigError
+        ``output.destination``: no scheme, an unknown scheme, or a ``file://`` without path.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigError(
@@ -64,9 +80,9 @@ def open_destination(url: str, webdav: WebdavSettings | None = None) -> Destinat
             rest = rest[len("localhost") :]
         if not rest:
             raise ConfigError(f"destination {url!r} has no path", key="output.destination")
-        return FileDestination(Path(rest).absolute())
+        return scheme, rest
     if scheme in ("davs", "dav", "https", "http"):
-        return WebdavDestination(url, webdav)
+        return scheme, rest
     raise ConfigError(
         f"unknown destination scheme {scheme!r}; supported: file://, davs://, https://",
         key="output.destination",
